@@ -1,0 +1,34 @@
+"""litliger's fused kernels: a functional API whose ops run Triton kernels or their PyTorch twins.
+
+See :mod:`litliger.kernels.backend` for how the implementation is chosen.
+"""
+
+from .backend import BACKENDS, get_backend, use_backend
+from .cross_entropy import cross_entropy, cross_entropy_torch
+from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_torch
+from .glu import geglu, geglu_torch, swiglu, swiglu_torch
+from .layer_norm import layer_norm, layer_norm_torch
+from .rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
+from .rope import rope, rope_torch
+
+__all__ = [
+    "BACKENDS",
+    "add_rms_norm",
+    "add_rms_norm_torch",
+    "cross_entropy",
+    "cross_entropy_torch",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_torch",
+    "geglu",
+    "geglu_torch",
+    "get_backend",
+    "layer_norm",
+    "layer_norm_torch",
+    "rms_norm",
+    "rms_norm_torch",
+    "rope",
+    "rope_torch",
+    "swiglu",
+    "swiglu_torch",
+    "use_backend",
+]
