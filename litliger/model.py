@@ -1,0 +1,191 @@
+"""The GPT model, composed from litliger.nn layers (which call litliger.kernels).
+
+One file for every family: the differences between Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX and GPT-2
+are fields of ``Config`` (norm, MLP, rotary fraction, biases, qk-norm, parallel residual, tied or learned
+embeddings, embedding scale), never the model's name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import init
+from .config import Config
+from .kernels import fused_linear_cross_entropy
+from .nn import Embedding, GeGLUMLP, GeluMLP, LayerNorm, Linear, RMSNorm, RotaryEmbedding, SwiGLUMLP
+
+
+def build_norm(config: Config, size: int) -> RMSNorm | LayerNorm:
+    if config.norm_class == "RMSNorm":
+        return RMSNorm(size, config.norm_eps, config.norm_offset)
+    return LayerNorm(size, config.norm_eps, bias=True)
+
+
+def build_mlp(config: Config) -> nn.Module:
+    args = (config.n_embd, config.intermediate_size, config.bias)
+    if config.mlp_class == "SwiGLUMLP":
+        return SwiGLUMLP(*args)
+    if config.mlp_class == "GeGLUMLP":
+        return GeGLUMLP(*args, approximate=config.gelu_approximate)
+    return GeluMLP(*args, approximate=config.gelu_approximate)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv, self.head_size = c.n_head, c.n_query_groups, c.head_size
+        self.rotary = c.rope_n_elem > 0
+        self.sliding_window = c.sliding_window
+        # one projection for [q | k | v]: n_head query heads, then n_query_groups key and value heads
+        self.qkv = Linear(c.n_embd, c.qkv_size, bias=c.bias or c.attn_bias, role="linear")
+        self.proj = Linear(c.n_head * c.head_size, c.n_embd, bias=c.bias, role="out_proj")
+        if c.norm_qk:
+            self.q_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_offset)
+            self.k_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = self.head_size
+        q, k, v = self.qkv(x).split((self.n_head * hs, self.n_kv * hs, self.n_kv * hs), dim=-1)
+        q = q.view(B, T, self.n_head, hs)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv, hs)  # (B, T, n_kv, hs)
+        v = v.view(B, T, self.n_kv, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
+        if rope is not None and self.rotary:
+            q, k = rope(q, k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, **self._mask(T, q.device), scale=1.0 / math.sqrt(hs), enable_gqa=self.n_kv != self.n_head
+        )  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
+
+    def _mask(self, T: int, device: torch.device) -> dict:
+        if self.sliding_window is None or T <= self.sliding_window:
+            return {"is_causal": True}
+        # query i sees keys j with i - sliding_window < j <= i (Mistral's sliding window)
+        i = torch.arange(T, device=device)
+        distance = i[:, None] - i[None, :]
+        return {"attn_mask": (distance >= 0) & (distance < self.sliding_window)}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: sequential (Llama) or parallel (GPT-NeoX) residual."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.norm_1 = build_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = build_norm(config, config.n_embd)
+        self.mlp = build_mlp(config)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None) -> torch.Tensor:
+        a = self.attn(self.norm_1(x), rope)  # (B, T, C)
+        if self.parallel_residual:
+            return x + a + self.mlp(self.norm_2(x))
+        h, x = self.norm_2(a, residual=x)  # x <- x + a and h = norm_2(x) in one fused pass
+        return x + self.mlp(h)
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer. ``model(idx)`` -> logits (B, T, padded_vocab_size);
+    ``model(idx, targets=t)`` -> mean cross-entropy over targets != -100, through the fused linear
+    cross-entropy (no (B*T, vocab) logits are ever held).
+
+    Built on a real device, the model is initialised by the init policy (seeded from the global RNG).
+    Built under ``torch.device("meta")`` it is left empty for the engine to shard, materialise and
+    initialise (``litliger.init.init_weights``) or load.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = c = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=Embedding(c.padded_vocab_size, c.n_embd, role="embedding"),
+                h=nn.ModuleList(Block(c) for _ in range(c.n_layer)),
+                ln_f=build_norm(c, c.n_embd),
+            )
+        )
+        if c.learned_pos_embeddings:
+            self.transformer["wpe"] = Embedding(c.block_size, c.n_embd, role="pos_embedding")
+        self.lm_head = None
+        if not c.tie_embeddings:
+            self.lm_head = Linear(c.n_embd, c.padded_vocab_size, c.lm_head_bias, role="lm_head")
+        self.rope = None
+        if c.rope_n_elem:
+            self.rope = RotaryEmbedding(c.rope_n_elem, c.block_size, c.rope_base, c.rope_scaling)
+        if not self.transformer.wte.weight.is_meta:
+            init.init_weights(self, seed=int(torch.randint(0, 2**62, ())))
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest sequence ``forward`` accepts; setting it resizes the rotary tables (default block_size)."""
+        return self.rope.length if self.rope is not None else self.config.block_size
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        if value > self.config.block_size:
+            raise ValueError(
+                f"max_seq_length={value} exceeds the model's block_size={self.config.block_size} ({self.config.name})"
+            )
+        if self.rope is not None and value != self.rope.length:
+            self.rope.resize(value)
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's (weight, bias); the token embedding when embeddings are tied."""
+        if self.lm_head is None:
+            return self.transformer.wte.weight, None
+        return self.lm_head.weight, self.lm_head.bias
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T)."""
+        B, T = idx.shape
+        if T > self.max_seq_length:
+            raise ValueError(f"sequence length {T} exceeds max_seq_length={self.max_seq_length}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.scale_embeddings:
+            # Gemma scales by sqrt(C) rounded to the activation dtype
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        for block in self.transformer.h:
+            x = block(x, self.rope)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.hidden_states(idx)
+        weight, bias = self.head()
+        if targets is None:
+            return F.linear(x, weight, bias)  # (B, T, padded_vocab_size)
+        return fused_linear_cross_entropy(x, weight, targets, bias)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> GPT:
+        """Load a litliger checkpoint folder (model.safetensors + model_config.yaml).
+
+        The model is built on the meta device, materialised on ``device`` and then filled from the file, so
+        nothing is initialised twice and no meta tensor is ever loaded into.
+        """
+        from .checkpoint import load_model_weights, read_config
+
+        config = read_config(checkpoint_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        if dtype is not None:
+            model.to(dtype)
+        init.init_weights(model, seed=0, resuming=True)  # rebuilds the rotary tables; parameters come from the file
+        load_model_weights(model, checkpoint_dir)
+        return model
