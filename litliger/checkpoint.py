@@ -93,16 +93,18 @@ def load_model_weights(
                 f"{path} does not match the model: missing {missing[:8]} ({len(missing)} in all), "
                 f"unexpected {unexpected[:8]} ({len(unexpected)} in all). Is it a checkpoint of this model?"
             )
+        # every name and shape is checked before the first copy, so a mismatch leaves the model untouched
         for name in sorted(expected):
-            param = params[name]
-            if param.is_meta:
-                raise RuntimeError(f"{name} is on the meta device; materialise the model before loading weights")
             stored_shape = tuple(f.get_slice(name).get_shape())
-            if stored_shape != tuple(param.shape):
+            if params[name].is_meta:
+                raise RuntimeError(f"{name} is on the meta device; materialise the model before loading weights")
+            if stored_shape != tuple(params[name].shape):
                 raise ValueError(
-                    f"{path}: {name} has shape {stored_shape} but the model expects {tuple(param.shape)}; "
+                    f"{path}: {name} has shape {stored_shape} but the model expects {tuple(params[name].shape)}; "
                     "the checkpoint is of a different model shape"
                 )
+        for name in sorted(expected):
+            param = params[name]
             with torch.no_grad():
                 if isinstance(param, DTensor):
                     local = param.to_local()

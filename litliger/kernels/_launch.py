@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 
 # One program handles one row; a row wider than this is walked in blocks inside the kernel.
 MAX_FUSED_SIZE = 65536
+# Row-tiled kernels (norms) pack narrow rows into tiles of about this many elements.
+_TILE_ELEMENTS = 2048
 
 
 def row_settings(n_cols: int, max_block: int = MAX_FUSED_SIZE) -> tuple[int, int]:
@@ -20,3 +25,41 @@ def row_settings(n_cols: int, max_block: int = MAX_FUSED_SIZE) -> tuple[int, int
     else:
         warps = 4
     return block, warps
+
+
+def tile_settings(n_cols: int, max_block: int, max_rows: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for a row-wise kernel over rows of ``n_cols`` elements."""
+    block_n = min(triton.next_power_of_2(max(1, n_cols)), max_block)
+    block_m = max(1, min(max_rows, _TILE_ELEMENTS // block_n))
+    _, num_warps = row_settings(block_m * block_n, max_block=block_m * block_n)
+    return block_m, block_n, num_warps
+
+
+def bwd_programs(device: torch.device, n_tiles: int, per_sm: int, on_cpu: int) -> tuple[int, int]:
+    """``(num_programs, tiles_per_program)`` for a backward that loops over row tiles and sums dw partials."""
+    if device.type == "cuda":
+        programs = _sm_count(torch.cuda.current_device() if device.index is None else device.index) * per_sm
+    else:
+        programs = on_cpu
+    tiles_per_program = triton.cdiv(n_tiles, max(1, min(programs, n_tiles)))
+    return triton.cdiv(n_tiles, tiles_per_program), tiles_per_program
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def as_rows(t: torch.Tensor, n_cols: int | None = None) -> torch.Tensor:
+    """``t`` as a ``(rows, n_cols)`` matrix with unit column stride (default n_cols: the last dim), a view
+    whenever the layout allows one. A contiguous tensor may be viewed with wider rows (e.g. one flat row)."""
+    n = t.shape[-1] if n_cols is None else n_cols
+    if n > 1 and t.stride(-1) != 1:
+        # The kernels step through columns with unit stride. A strided last dim is rare (e.g. the broadcast
+        # gradient of y.sum()), so it is copied here, explicitly, rather than paying a stride in every load.
+        t = t.contiguous()
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        # Leading dims that do not collapse into one row stride (e.g. a permuted batch): copy.
+        return t.reshape(-1, n)
