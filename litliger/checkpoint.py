@@ -26,7 +26,7 @@ from .config import Config
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def read_config(checkpoint_dir: str | Path) -> Config:
@@ -129,18 +129,23 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_tree(final.parent, files=False)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder ``tmp`` to ``final`` with renames, replacing an existing ``final`` only now."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_tree(final.parent, files=False)
 
 
 def _fsync_tree(path: Path, files: bool = True) -> None:

@@ -1,0 +1,12 @@
+"""Hugging Face <-> litliger weight conversion with explicit per-family maps.
+
+``convert_from_hf(HF_DIR, OUT_DIR)`` writes a litliger checkpoint folder; ``convert_to_hf(CKPT_DIR, OUT_DIR)``
+writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Every parameter is produced
+exactly once; a missing, unknown or mis-shaped weight is an error that names it. See tutorials/convert.md.
+"""
+
+from .from_hf import convert_from_hf
+from .hf_config import FAMILIES, config_from_hf, config_to_hf
+from .to_hf import convert_to_hf
+
+__all__ = ["FAMILIES", "config_from_hf", "config_to_hf", "convert_from_hf", "convert_to_hf"]
