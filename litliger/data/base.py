@@ -1,0 +1,156 @@
+"""The data-module contract, the resumable loader data modules hand out, and the endless batch iterator.
+
+Lifecycle (as in LitGPT): `connect(tokenizer, batch_size, max_seq_length)` -> `prepare_data()` (once, on
+rank 0 first) -> `setup()` (every rank) -> `train_dataloader()` / `val_dataloader()`.
+
+Exact resume. A training loader's state is two numbers, the epoch in progress and how many batches of
+it were consumed, plus the settings that must match. `load_state_dict` rebuilds litdata's own resume
+state from those numbers on a fresh dataset, so litdata skips the consumed samples by index arithmetic
+(nothing is re-read), and the continuation is bitwise the batches the uninterrupted run would have
+produced. We do not save litdata's state dict itself: its `dataset.current_epoch` is read from the main
+process's copy of the dataset, which goes stale once a state has been loaded (with `num_workers > 0`
+until the next epoch; with any `num_workers` until the first batch). A second resume inside a resumed
+epoch, or a save right after a resume, then replays the wrong epoch's shuffle (litdata 0.2.76). An
+end-of-epoch state is read as "next epoch, 0 batches", so no partial-epoch bookkeeping crosses an epoch
+boundary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+
+from litliger.data.tokenizer import Tokenizer
+
+_STATE_VERSION = 1
+
+
+class DataModule:
+    """Base of litliger's data modules: connect -> prepare_data -> setup -> loaders."""
+
+    tokenizer: Tokenizer | None = None
+    batch_size: int = 1
+    max_seq_length: int = -1
+
+    def connect(self, tokenizer: Tokenizer, batch_size: int, max_seq_length: int) -> None:
+        """Give the module what it needs to tokenize and batch: samples are `max_seq_length + 1` tokens."""
+        if batch_size < 1 or max_seq_length < 1:
+            raise ValueError(f"batch_size and max_seq_length must be >= 1, got {batch_size} and {max_seq_length}.")
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+
+    def prepare_data(self) -> None:
+        """Do the one-off, cacheable work (tokenizing); called on rank 0 before the other ranks."""
+
+    def setup(self) -> None:
+        """Build the datasets; called on every rank after `prepare_data`."""
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        """A new loader over the training set, yielding LongTensor batches (batch_size, max_seq_length + 1)."""
+        raise NotImplementedError
+
+    def val_dataloader(self) -> StreamingDataLoader | None:
+        """A new loader over the validation set, or None when there is none."""
+        return None
+
+    def training_files(self) -> list[Path]:
+        """The files a tokenizer for this data would be trained on."""
+        raise NotImplementedError
+
+
+def collate_tokens(items: list[np.ndarray]) -> torch.Tensor:
+    """Stack token blocks (stored as uint16/int32 to halve the disk) into an int64 batch."""
+    return torch.from_numpy(np.stack(items).astype(np.int64))
+
+
+class ResumableLoader(StreamingDataLoader):
+    """A StreamingDataLoader over token blocks whose `state_dict` resumes exactly (see the module docstring).
+
+    Same world size and batch size are required to resume; a changed `num_workers`, seed or dataset
+    resumes at the same (epoch, batch) position with a warning, since the order can no longer match.
+    """
+
+    def __init__(self, dataset: StreamingDataset, batch_size: int, num_workers: int = 0, fingerprint: str = ""):
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
+        self.fingerprint = fingerprint
+        self._batches_in_epoch = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if not self.restore:  # litdata starts a new epoch unless it is resuming one
+            self._batches_in_epoch = 0
+        for batch in super().__iter__():
+            self._batches_in_epoch += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.current_epoch,
+            "batches_in_epoch": self._batches_in_epoch,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": self.dataset.distributed_env.world_size,
+            "seed": self.dataset.seed,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"Not a litliger loader state (version {state.get('version')!r}): {sorted(state)}.")
+        world_size = self.dataset.distributed_env.world_size
+        for name, now in (("batch_size", self.batch_size), ("world_size", world_size)):
+            if state[name] != now:
+                raise ValueError(
+                    f"Cannot resume the data stream: the checkpoint has {name}={state[name]}, this run {now}. "
+                    f"Resume with {name}={state[name]} or start a fresh run."
+                )
+        soft = (("num_workers", self.num_workers), ("seed", self.dataset.seed), ("fingerprint", self.fingerprint))
+        for name, now in soft:
+            if state[name] != now:
+                what = "the training data" if name == "fingerprint" else f"{name} ({state[name]} -> {now})"
+                warnings.warn(
+                    f"Resuming with changed {what}: continuing at the same epoch and batch, but not with "
+                    "the same samples the interrupted run would have seen.",
+                    stacklevel=2,
+                )
+
+        epoch, done = int(state["epoch"]), int(state["batches_in_epoch"])
+        if done >= len(self):  # the epoch was finished: resume at the start of the next one
+            epoch, done = epoch + 1, 0
+        if done == 0:
+            # Stand where an uninterrupted run stands before starting `epoch`: the previous one fully
+            # consumed (so saving again before the first batch gives this state back); __iter__ then
+            # increments the epoch and starts it fresh.
+            self.current_epoch = max(epoch - 1, 0)
+            self._batches_in_epoch = len(self) if epoch > 1 else 0
+            return
+        self._batches_in_epoch = done
+        samples = done * self.batch_size
+        dataset_state = {**self.dataset.state_dict(samples, self.num_workers, self.batch_size), "current_epoch": epoch}
+        super().load_state_dict(
+            {
+                "dataset": dataset_state,
+                "current_epoch": epoch,
+                "num_samples_yielded": samples,
+                # Workers hand out batches round-robin; the next batch comes from the worker after this one.
+                "latest_worker_idx": (done - 1) % max(self.num_workers, 1),
+            }
+        )
+
+
+def infinite_batches(loader: StreamingDataLoader) -> Iterator[torch.Tensor]:
+    """Batches from `loader` forever: each exhausted pass starts the next epoch by iterating again."""
+    while True:
+        produced = False
+        for batch in loader:
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("The data loader produced no batch in a whole epoch; the dataset is too small.")

@@ -1,0 +1,60 @@
+"""Content-addressed cache folders: where they live, how keys are hashed, how entries are published.
+
+An entry is a folder named by a hash of everything that determines its content. It is written into a
+private temporary folder and renamed into place as the last step, so a folder under its final name is
+always complete: an interrupted preparation leaves only a `.tmp-*` folder behind, never an entry that
+looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    """The root of litliger's caches: `$LITLIGER_CACHE`, else `$XDG_CACHE_HOME/litliger`, else `~/.cache/litliger`."""
+    if env := os.environ.get("LITLIGER_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "litliger"
+
+
+def bytes_digest(data: bytes) -> str:
+    """Hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """Hex SHA-256 of a JSON-serialisable object (keys sorted, so dict order never changes a key)."""
+    return bytes_digest(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+@contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `final`; on success rename it to `final` atomically.
+
+    If another process published `final` first (two runs preparing the same key), its entry is kept and
+    ours is discarded: both are built from identical inputs. On error the temporary folder is removed.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
