@@ -92,7 +92,8 @@ class Block(nn.Module):
         a = self.attn(self.norm_1(x), rope)  # (B, T, C)
         if self.parallel_residual:
             return x + a + self.mlp(self.norm_2(x))
-        h, x = self.norm_2(a, residual=x)  # x <- x + a and h = norm_2(x) in one fused pass
+        # x <- x + a and h = norm_2(x) in one fused pass; the sum keeps x's dtype (fp32 under autocast)
+        h, x = self.norm_2(x, residual=a)
         return x + self.mlp(h)
 
 

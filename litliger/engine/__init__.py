@@ -1,0 +1,41 @@
+"""The one training engine shared by pretraining and finetuning.
+
+runtime (Fabric, strategies, model setup per environment) -> loop (fit, validate) -> checkpointing, metrics.
+"""
+
+from .args import EvalArgs, OptimizerArgs, TrainArgs
+from .checkpointing import (
+    check_resumable,
+    find_resume_checkpoint,
+    has_checkpoints,
+    load_training_state,
+    save_training_checkpoint,
+)
+from .loop import FitSetup, Progress, fit, next_token_loss, validate
+from .metrics import make_loggers
+from .optim import build_optimizer, lr_at
+from .runtime import is_fsdp, make_fabric, reshard, setup_model, unwrap
+
+__all__ = [
+    "EvalArgs",
+    "FitSetup",
+    "OptimizerArgs",
+    "Progress",
+    "TrainArgs",
+    "build_optimizer",
+    "check_resumable",
+    "find_resume_checkpoint",
+    "fit",
+    "has_checkpoints",
+    "is_fsdp",
+    "load_training_state",
+    "lr_at",
+    "make_fabric",
+    "make_loggers",
+    "next_token_loss",
+    "reshard",
+    "save_training_checkpoint",
+    "setup_model",
+    "unwrap",
+    "validate",
+]

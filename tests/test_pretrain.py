@@ -1,0 +1,319 @@
+"""The pretraining recipe and engine on CPU: init always applied, exact resume, checkpoints, bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from litliger import GPT, Config
+from litliger.checkpoint import MODEL_FILE, load_state_dict
+from litliger.data import TextFiles
+from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs, find_resume_checkpoint
+from litliger.init import InitPolicy
+from litliger.nn import Embedding, Linear
+from litliger.pretrain import setup
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()  # noqa: SIM905
+
+
+def tiny_config(**overrides) -> Config:
+    values = dict(
+        name="tiny",
+        block_size=32,
+        vocab_size=320,
+        padding_multiple=64,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_query_groups=1,
+        intermediate_size=64,
+        norm_class="RMSNorm",
+        mlp_class="SwiGLUMLP",
+        bias=False,
+    )
+    return Config(**{**values, **overrides})
+
+
+def write_corpus(root: Path, files: int = 9, words: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        (root / f"doc{i:02d}.txt").write_text(text + "\n")
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LITLIGER_CACHE", str(tmp_path / "cache"))
+    return write_corpus(tmp_path / "corpus")
+
+
+def run(out_dir: Path, corpus: Path, *, steps: int, resume=False, save_interval=None, config=None, **kw) -> Path:
+    train = TrainArgs(
+        global_batch_size=4,
+        micro_batch_size=2,
+        max_seq_length=16,
+        max_steps=steps,
+        lr_warmup_steps=2,
+        min_lr=1e-4,
+        save_interval=save_interval,
+        log_interval=1,
+    )
+    return setup(
+        model_config=config or tiny_config(),
+        out_dir=out_dir,
+        accelerator="cpu",
+        data=TextFiles(train_data_path=corpus, val_split_fraction=0.15, seed=3),
+        train=kw.pop("train", train),
+        eval=kw.pop("eval", EvalArgs(interval=None, max_iters=2, final_validation=False)),
+        optimizer=OptimizerArgs(lr=1e-2),
+        resume=resume,
+        seed=kw.pop("seed", 1),
+        **kw,
+    )
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+
+def test_train_writes_checkpoints_metrics_and_learns(tmp_path, corpus):
+    out = tmp_path / "out"
+    eval_args = EvalArgs(interval=10, max_iters=2, initial_validation=True, final_validation=True)
+    final = run(out, corpus, steps=20, save_interval=10, eval=eval_args)
+    assert final == out / "final"
+    assert {p.name for p in out.iterdir()} >= {"step-00000010", "final", "metrics.jsonl", "logs"}
+    assert {p.name for p in final.iterdir()} >= {MODEL_FILE, "model_config.yaml", "tokenizer.json", "training_state"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 21))
+    for m in train_lines:
+        assert {"tokens", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(m)
+        assert m["tokens"] == m["step"] * 4 * 16
+    val = [m["val_loss"] for m in lines if "val_loss" in m]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5
+    assert train_lines[-1]["lr"] == pytest.approx(1e-4)  # cosine ends at min_lr
+    model = GPT.from_checkpoint(final)
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 320)
+
+
+@pytest.mark.parametrize("cut", [3, 5])
+def test_exact_resume_across_epoch_boundaries(tmp_path, corpus, cut):
+    # the training split holds 8 files of ~12 samples of 17 tokens: an epoch is a few steps, so 10 steps
+    # cross several epoch boundaries; the cut at 3 falls mid-epoch, the cut at 5 is checked to hit another spot
+    straight = tmp_path / "straight"
+    run(straight, corpus, steps=10, save_interval=cut)
+    resumed = tmp_path / "resumed"
+    run(resumed, corpus, steps=10, resume=straight / f"step-{cut:08d}")
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(cut + 1, 11))
+    assert all(a[s] == b[s] for s in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}  # bitwise equal
+    wa, wb = load_state_dict(straight / "final"), load_state_dict(resumed / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_auto_picks_newest_complete_and_ignores_partial(tmp_path, corpus):
+    out = tmp_path / "out"
+    run(out, corpus, steps=6, save_interval=2)
+    shutil.rmtree(out / "final")
+    (out / ".step-00000008.tmp").mkdir()  # what a kill during a save leaves behind
+    (out / "step-00000006").mkdir()  # a folder under a step name without its contents is not complete
+    assert find_resume_checkpoint(out) == out / "step-00000004"
+    before = losses(out)
+    run(out, corpus, steps=6, resume="auto")
+    after = losses(out)
+    assert after[5] == before[5] and after[6] == before[6]
+
+
+def test_seed_checkpoint_applies_the_init_policy(tmp_path, corpus):
+    config = tiny_config(n_embd=64, intermediate_size=128)
+    final = run(tmp_path / "seed", corpus, steps=0, config=config)
+    weights = load_state_dict(final)
+    policy = InitPolicy.from_config(config)
+    with torch.device("meta"):
+        model = GPT(config)
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, Embedding)):
+            std = weights[f"{name}.weight"].double().std().item()
+            assert abs(std / policy.std(module.role) - 1) < 0.05, (name, std)
+    assert torch.all(weights["transformer.ln_f.weight"] == 1)
+    # the same seed gives the same weights; a resumed run does not re-initialise
+    again = load_state_dict(run(tmp_path / "seed2", corpus, steps=0, config=config))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    other = load_state_dict(run(tmp_path / "seed3", corpus, steps=0, config=config, seed=2))
+    assert not torch.equal(weights["transformer.wte.weight"], other["transformer.wte.weight"])
+
+
+def test_resume_does_not_reinitialise(tmp_path, corpus):
+    out = tmp_path / "out"
+    run(out, corpus, steps=4, save_interval=2)
+    ckpt = out / "step-00000002"
+    # make the stored weights recognisable: an init would overwrite them
+    from safetensors.torch import save_file
+
+    weights = load_state_dict(ckpt)
+    weights["transformer.ln_f.weight"] = torch.full_like(weights["transformer.ln_f.weight"], 3.0)
+    save_file(weights, str(ckpt / MODEL_FILE))
+    resumed = run(tmp_path / "resumed", corpus, steps=2, resume=ckpt)  # nothing left to train
+    assert torch.equal(load_state_dict(resumed)["transformer.ln_f.weight"], weights["transformer.ln_f.weight"])
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(tmp_path, corpus):
+    out = tmp_path / "out"
+    run(out, corpus, steps=2)
+    before = (out / "final" / MODEL_FILE).read_bytes()
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume auto"):
+        run(out, corpus, steps=2)
+    assert (out / "final" / MODEL_FILE).read_bytes() == before
+
+
+def test_bad_checkpoints_are_reported_and_kept(tmp_path, corpus):
+    out = tmp_path / "out"
+    run(out, corpus, steps=2, save_interval=1)
+    ckpt = out / "step-00000001"
+    with pytest.raises(ValueError, match=r"different model \(fields \['head_size', 'n_embd'\] differ"):
+        run(tmp_path / "x", corpus, steps=2, resume=ckpt, config=tiny_config(n_embd=64))
+    data = (ckpt / MODEL_FILE).read_bytes()
+    (ckpt / MODEL_FILE).write_bytes(data[:100])
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        run(tmp_path / "y", corpus, steps=2, resume=ckpt)
+    assert (ckpt / MODEL_FILE).read_bytes() == data[:100]  # nothing deleted or rewritten
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        run(tmp_path / "z", corpus, steps=2, resume=tmp_path / "nope")
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, corpus):
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="NaN/Inf by step 1; stopping without saving"):
+        run(out, corpus, steps=4, save_interval=1, config=tiny_config(init_std=1e25))
+    assert find_resume_checkpoint(out) is None
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, corpus):
+    from litliger.data import Tokenizer
+
+    Tokenizer.train_bpe(sorted(corpus.glob("*.txt")), vocab_size=400).save(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"tokenizer has 3[2-9]\d tokens but the model 'tiny' has only 320 embedding"):
+        run(tmp_path / "out", corpus, steps=1, tokenizer_dir=tmp_path / "tok")
+
+
+def test_kill_during_save_leaves_previous_checkpoints(tmp_path, corpus, monkeypatch):
+    out = tmp_path / "out"
+    run(out, corpus, steps=2, save_interval=1)
+    import litliger.engine.checkpointing as checkpointing
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died while writing the weights
+
+    monkeypatch.setattr(checkpointing, "write_model_files", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, corpus, steps=4, resume="auto", save_interval=1)
+    assert find_resume_checkpoint(out) == out / "final"
+    assert not (out / "step-00000003").exists()
+
+
+# --- the command line (subprocesses: Fabric re-launches the command for every rank) ----------------------
+
+
+def cli(args: list[str], env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "litliger", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
+
+
+def cli_args(tmp_path: Path, corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    config = tmp_path / "model.yaml"
+    tiny_config().save(config)
+    return [
+        "pretrain",
+        "--model_config", str(config),
+        "--out_dir", str(out),
+        "--accelerator", "cpu",
+        "--data", "litliger.data.TextFiles",
+        "--data.train_data_path", str(corpus),
+        "--data.val_split_fraction", "0.3",
+        "--train.global_batch_size", "4",
+        "--train.micro_batch_size", "2",
+        "--train.max_seq_length", "16",
+        "--train.max_steps", str(steps),
+        "--train.lr_warmup_steps", "2",
+        "--train.log_interval", "1",
+        "--eval.interval", "null",
+        "--eval.max_iters", "2",
+        "--seed", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cli_unknown_key_and_bad_data_path(tmp_path, corpus):
+    env = {"LITLIGER_CACHE": str(tmp_path / "cache")}
+    result = cli(["pretrain", "--config", str(REPO / "config_hub/pretrain/debug.yaml"), "--train.max_stepz", "3"], env)
+    assert result.returncode != 0 and "train.max_stepz" in result.stderr
+    result = cli(cli_args(tmp_path, tmp_path / "missing", tmp_path / "out", 1), env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("litliger: error:")
+    assert str(tmp_path / "missing") in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_sigterm_saves_and_resume_continues(tmp_path, corpus):
+    env = {"LITLIGER_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litliger", *cli_args(tmp_path, corpus, out, 100000)],
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM: stopped after step" in output
+    stopped = find_resume_checkpoint(out)
+    step = int(stopped.name.split("-")[1])
+    assert step >= 3 and max(losses(out)) == step
+    result = cli([*cli_args(tmp_path, corpus, out, step + 2), "--resume", "auto"], env)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {stopped} at step {step}" in result.stdout
+    assert max(losses(out)) == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_cli_two_processes_init_and_resume(tmp_path, corpus, strategy):
+    env = {"LITLIGER_CACHE": str(tmp_path / "cache")}
+    # seed checkpoints: the same weights on 1 process and on 2 (replicated or sharded)
+    single = cli(cli_args(tmp_path, corpus, tmp_path / "one", 0), env)
+    assert single.returncode == 0, single.stderr
+    multi = cli([*cli_args(tmp_path, corpus, tmp_path / "two", 0), "--devices", "2", "--strategy", strategy], env)
+    assert multi.returncode == 0, multi.stderr
+    a, b = load_state_dict(tmp_path / "one" / "final"), load_state_dict(tmp_path / "two" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # exact resume with 2 processes: 4 steps straight vs 2 + resume + 2
+    two = ["--devices", "2", "--strategy", strategy]
+    straight = cli([*cli_args(tmp_path, corpus, tmp_path / "s", 4), *two, "--train.save_interval", "2"], env)
+    assert straight.returncode == 0, straight.stderr
+    resumed = cli(
+        [*cli_args(tmp_path, corpus, tmp_path / "r", 4), *two, "--resume", str(tmp_path / "s" / "step-00000002")], env
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    la, lb = losses(tmp_path / "s"), losses(tmp_path / "r")
+    assert sorted(lb) == [3, 4] and all(la[s] == lb[s] for s in lb), (la, lb)
