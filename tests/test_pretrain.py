@@ -317,3 +317,15 @@ def test_cli_two_processes_init_and_resume(tmp_path, corpus, strategy):
     assert resumed.returncode == 0, resumed.stderr
     la, lb = losses(tmp_path / "s"), losses(tmp_path / "r")
     assert sorted(lb) == [3, 4] and all(la[s] == lb[s] for s in lb), (la, lb)
+
+
+@pytest.mark.slow
+def test_cli_debug_config_runs(tmp_path):
+    """The README's main job (config_hub/pretrain/debug.yaml), shortened: the config file is valid end to end."""
+    out = tmp_path / "debug"
+    args = ["pretrain", "--config", str(REPO / "config_hub/pretrain/debug.yaml"), "--out_dir", str(out)]
+    short = ["--train.max_steps", "4", "--eval.interval", "2", "--eval.max_iters", "2", "--sample.max_new_tokens", "8"]
+    result = cli([*args, *short], {"LITLIGER_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "--- sample ---\ndef " in result.stdout
+    assert (out / "final" / "tokenizer.json").is_file() and len(losses(out)) == 1  # log_interval 10: the last step

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import Config, flops_per_token
 from .args import EvalArgs, TrainArgs
 from .checkpointing import save_training_checkpoint, step_dir
-from .metrics import MetricsLog, Throughput, peak_flops
+from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
 from .runtime import reshard, unwrap
 
@@ -198,6 +198,7 @@ def fit(
                 loss_avg = fabric.all_reduce(loss_sum / (accum * steps_since_log), reduce_op="mean").item()
                 rates = throughput.measure(progress.tokens)
                 values = {"tokens": progress.tokens, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(), **rates}
+                values.update(peak_memory(fabric.device))
                 metrics.log(values, progress.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
                 loss_sum.zero_()

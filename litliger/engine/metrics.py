@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     name = torch.cuda.get_device_name(device)
     table = _PEAK_FP32 if precision.startswith("32") else _PEAK_BF16
     return next((flops for key, flops in table.items() if key in name), None)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: CUDA's max allocated bytes on GPU, the process's peak RSS on CPU (in MiB)."""
+    if device.type == "cuda":
+        return {"max_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def make_loggers(name: str, out_dir: Path, run_name: str) -> list:
