@@ -7,7 +7,20 @@ hidden/weight/bias gradients during forward (grad_weight accumulated in fp32); b
 by the incoming gradient. For "none" the per-row gradient is unknown at forward time, so backward walks
 the chunks again. Loss semantics are those of :mod:`litliger.kernels.cross_entropy`.
 
-The Triton launchers and autograd Function are filled in below the twin.
+Triton path, per chunk c of rows (logits_c is this op's own temporary, so writing into it is safe):
+
+    logits_c = h_c @ W.T + b                      (input dtype, torch matmul)
+    loss_c, dlogits_c = CE kernel(logits_c)       (one launch; dlogits_c overwrites logits_c in place,
+                                                   already scaled by 1/count for "mean")
+    grad_h[c] = dlogits_c @ W                     (into one preallocated (N, H) buffer)
+    grad_W += dlogits_c.T @ h_c                   (fp32 accumulator)
+    grad_b += dlogits_c.sum(0)                    (fp32)
+
+Only the gradients autograd asks for are formed (a frozen LoRA base weight costs no grad_W accumulation).
+"mean" divides by count = (targets != ignore_index).sum() over ALL rows, a device tensor known before the
+first chunk, so nothing syncs with the host. Backward multiplies the stored gradients by grad_output into
+new tensors. For "none" forward keeps only the per-row loss and lse; backward recomputes each chunk's logits
+and turns them into grad_output[r] * dloss/dlogits with the CE backward kernel, then does the same matmuls.
 """
 
 from __future__ import annotations
@@ -17,18 +30,28 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_float, check_loss_args, check_same_device, check_targets, check_vector
+from ._checks import check_float, check_loss_args, check_same_device, check_targets, check_vector, compute_dtype
 from .backend import use_triton
-from .cross_entropy import _reduce, cross_entropy_torch
+from .cross_entropy import _reduce, cross_entropy_rows, cross_entropy_rows_grad, cross_entropy_torch
+
+# Fewest rows per chunk on the Triton path. Every chunk costs one pass over the fp32 grad_weight accumulator
+# (V x H, read + write, plus the bf16 product for half inputs), so with K rows the grad_weight GEMM does about
+# K/6 flop per byte of that traffic: it stays memory-bound (an H100 needs ~300) unless K is ~1K. With the
+# memory rule alone, e.g. 8K tokens, H=2048, V=128K -> 256-row chunks, the accumulator passes would cost more
+# than all three GEMMs together. The CE kernel also runs one program per row and needs several waves of SMs.
+# 1024 rows of logits (256 MiB at V=128K in bf16) stay well below the accumulator itself (V * H * 4 bytes).
+KERNEL_MIN_CHUNK_ROWS = 1024
 
 
-def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
+def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int, min_rows: int = 16) -> int:
     """Rows per chunk so that a chunk's logits take about as much memory as the whole hidden input.
 
-    Rounded to a power of two, at least 16 rows (small chunks starve the matmul), at most ``n_tokens``.
+    Rounded to a power of two, at least ``min_rows`` (small chunks starve the matmul), at most ``n_tokens``.
+    The twin (a CPU path whose chunks are autograd graphs several logits-sizes big) keeps the default 16; the
+    Triton path asks for ``KERNEL_MIN_CHUNK_ROWS``.
     """
     rows = math.ceil(n_tokens / max(1, math.ceil(vocab_size / hidden_size)))
-    return max(1, min(n_tokens, max(16, 1 << max(0, rows - 1).bit_length())))
+    return max(1, min(n_tokens, max(min_rows, 1 << max(0, rows - 1).bit_length())))
 
 
 def _chunk_row_loss(
@@ -40,7 +63,12 @@ def _chunk_row_loss(
     label_smoothing: float,
     z_loss: float,
 ) -> torch.Tensor:
-    logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    # (W @ h.T).T rather than h @ W.T (same numbers): autograd then hands each chunk's weight gradient over as a
+    # plain (V, H) tensor and sums the chunks in place; through W.T they arrive as transposed views and the first
+    # sum is out of place, a third (V, H) buffer at the peak.
+    logits = (weight @ h.T).T  # (c, V)
+    if bias is not None:
+        logits = logits + bias
     return cross_entropy_torch(logits, t, ignore_index, "none", label_smoothing, z_loss)
 
 
@@ -74,6 +102,150 @@ def fused_linear_cross_entropy_torch(
             losses.append(_chunk_row_loss(*args))
     loss = torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)
     return _reduce(loss.reshape(targets.shape), t != ignore_index, reduction)
+
+
+# Rows of grad_weight per half-precision product in _accumulate_mm: bounds its temporary to 4096 x H.
+_ACC_SLICE_ROWS = 4096
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 (fp64 for fp64 inputs) whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    # bf16/fp16: each product is accumulated in fp32 inside the matmul and rounded once per chunk; summing the
+    # chunks in fp32 keeps that rounding from compounding over chunks (Liger's accum_dtype path). In row slices,
+    # so that the half-precision product never needs a (V, H) temporary.
+    for s in range(0, acc.shape[0], _ACC_SLICE_ROWS):
+        acc[s : s + _ACC_SLICE_ROWS] += a[s : s + _ACC_SLICE_ROWS] @ b
+
+
+def _flce_walk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t: torch.Tensor,
+    chunk: int,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    row_scale: torch.Tensor,
+    need: tuple[bool, bool, bool],
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Walk ``h`` (N, H) in chunks of rows; return ``(loss, lse, grad_h, grad_weight, grad_bias)``.
+
+    Forward mode (``lse`` None): the per-row loss and lse ((N,) each) are computed and, when
+    any of ``need = (hidden, weight, bias)`` is set, the gradients of ``sum_r row_scale[r] * loss_r``.
+    Backward mode (``lse`` given, "none"): the same gradients from the saved lse; loss is None.
+    ``row_scale`` is (N,), an expanded scalar (stride 0) for "mean"/"sum". Gradients are None where not needed;
+    grad_h is in the input dtype, grad_weight / grad_bias in fp32 (fp64 for fp64 inputs).
+    """
+    n, vocab = h.shape[0], weight.shape[0]
+    need_h, need_w, need_b = need
+    with_grad = need_h or need_w or need_b
+    acc = compute_dtype(weight)
+    loss = None
+    forward = lse is None
+    if forward:
+        loss = torch.empty(n, dtype=acc, device=h.device)  # fp32 (fp64 for fp64 inputs, as the twin)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if need_b else None
+    b = None if bias is None else bias.to(h.dtype)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        h_c, t_c = h[start:end], t[start:end]
+        logits = h_c @ weight.T if b is None else torch.addmm(b, h_c, weight.T)  # (c, V), our own buffer
+        if forward:
+            loss_c, lse_c, scale_c = loss[start:end], lse[start:end], row_scale[start:end]
+            grad_out = logits if with_grad else None  # in place: the gradient replaces this chunk's logits
+            cross_entropy_rows(logits, t_c, loss_c, lse_c, ignore_index, label_smoothing, z_loss, grad_out, scale_c)
+            del grad_out
+        else:
+            scale_c = row_scale[start:end]
+            cross_entropy_rows_grad(logits, t_c, lse[start:end], scale_c, logits, ignore_index, label_smoothing, z_loss)
+        # With gradients, logits now holds this chunk's dloss/dlogits, already scaled; (c, V)
+        if need_h:
+            torch.mm(logits, weight, out=grad_h[start:end])  # (c, H)
+        if need_w:
+            _accumulate_mm(grad_w, logits.T, h_c)  # (V, H)
+        if need_b:
+            grad_b += logits.sum(0, dtype=acc)
+        del logits  # free this chunk before the next one is allocated, not after
+    return loss, lse, grad_h, grad_w, grad_b
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * grad_output`` cast to ``dtype``, always into a new tensor (``grad`` may be saved for backward)."""
+    if grad_output is None:  # "none": grad is this backward's own, already scaled per row
+        return grad.to(dtype)
+    return torch.mul(grad, grad_output, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Triton fused LM head + cross-entropy (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        bias: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        chunk_size: int | None,
+        grad_enabled: bool,
+    ) -> torch.Tensor:
+        # Reshaping to rows is a view for the usual contiguous hidden state (a matmul operand either way).
+        h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+        t = targets.reshape(-1)  # (N,)
+        n = h.shape[0]
+        chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0], KERNEL_MIN_CHUNK_ROWS)
+        valid = t != ignore_index
+        # needs_input_grad says what the inputs require even under no_grad, where nothing will call backward.
+        need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
+        ctx.hidden_shape, ctx.args = hidden.shape, (ignore_index, reduction, label_smoothing, z_loss, chunk)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if reduction == "mean":  # 1 / count on device: no host sync
+            row_scale = valid.sum().clamp(min=1).to(torch.float32).reciprocal().expand(n)
+        else:
+            row_scale = t.new_ones((), dtype=torch.float32).expand(n)
+        # "none" cannot form gradients yet (grad_output is per row and unknown): backward recomputes them.
+        walk_need = (False, False, False) if reduction == "none" else need
+        loss, lse, grad_h, grad_w, grad_b = _flce_walk(
+            h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, row_scale, walk_need
+        )
+        if reduction == "none":
+            ctx.save_for_backward(h, weight, bias, t, lse)
+        else:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return _reduce(loss.view(targets.shape), valid, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        ignore_index, reduction, label_smoothing, z_loss, chunk = ctx.args
+        weight_dtype, bias_dtype = ctx.dtypes
+        if reduction == "none":
+            h, weight, bias, t, lse = ctx.saved_tensors
+            need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+            _, _, grad_h, grad_w, grad_b = _flce_walk(
+                h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, grad_output.reshape(-1), need, lse
+            )
+            go = None
+        else:
+            # Scale into new tensors: the saved ones must stay intact for a retain_graph second backward.
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            go = grad_output
+        dh = None if grad_h is None else _scaled(grad_h, go, grad_h.dtype).view(ctx.hidden_shape)
+        dw = None if grad_w is None else _scaled(grad_w, go, weight_dtype)
+        db = None if grad_b is None else _scaled(grad_b, go, bias_dtype)
+        return dh, dw, None, db, None, None, None, None, None, None
 
 
 def _check(
@@ -121,11 +293,33 @@ def fused_linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without materialising the logits.
 
     hidden (..., H), weight (V, H), bias (V,) or None, targets (...) integer.
+
+    Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would) while the loss, the
+    softmax and the weight-gradient accumulation stay fp32: the inputs are cast once here and the op then
+    runs with autocast off, so no matmul inside silently changes dtype.
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+            )
     _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, ignore_index, chunk_size)
     if use_triton(hidden):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            chunk_size,
+            torch.is_grad_enabled(),
         )
     return fused_linear_cross_entropy_torch(
         hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
