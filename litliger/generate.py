@@ -49,6 +49,37 @@ def generate(
     return idx
 
 
+def complete(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    max_seq_length: int,
+    device: torch.device | str,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 1234,
+) -> str:
+    """``prompt`` followed by a sampled continuation (special tokens such as a BOS are not shown).
+
+    The sampler is seeded with ``seed`` on every rank, so a sharded model samples in lockstep.
+    """
+    ids = tokenizer.encode(prompt, bos=True) or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        max_seq_length=max_seq_length,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+
+
 def main(
     checkpoint_dir: Path,
     prompt: str = "",
@@ -72,18 +103,16 @@ def main(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     tokenizer = Tokenizer.from_dir(checkpoint_dir)
     model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-    ids = tokenizer.encode(prompt, bos=True) or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-    out = generate(
+    text = complete(
         model,
-        torch.tensor([ids], device=device),
+        tokenizer,
+        prompt,
         max_new_tokens,
         max_seq_length=model.max_seq_length,
+        device=device,
         temperature=temperature,
         top_k=top_k,
-        eos_id=tokenizer.eos_id,
-        vocab_size=tokenizer.vocab_size,
-        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
     )
-    text = tokenizer.decode(out[0].tolist())
     print(text)
     return text

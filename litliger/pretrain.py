@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 
 from .checkpoint import read_config
 from .config import Config
@@ -33,7 +32,7 @@ from .engine import (
     setup_model,
     unwrap,
 )
-from .generate import generate
+from .generate import complete
 from .model import GPT
 
 
@@ -240,26 +239,21 @@ def main(
         progress=progress,
     )
     if sample.max_new_tokens > 0:
-        print_sample(fabric, model, tokenizer, sample, seq_len, config, seed)
+        print_sample(fabric, model, tokenizer, sample, seq_len, seed)
     return path
 
 
-def print_sample(
-    fabric: L.Fabric, model, tokenizer: Tokenizer, sample: SampleArgs, seq_len: int, config: Config, seed: int
-) -> None:
-    prompt = tokenizer.encode(sample.prompt, bos=True) or [tokenizer.eos_id]
-    idx = torch.tensor([prompt], device=fabric.device)
-    generator = torch.Generator().manual_seed(seed)  # identical on every rank: sharded models sample in lockstep
-    out = generate(
+def print_sample(fabric: L.Fabric, model, tokenizer: Tokenizer, sample: SampleArgs, seq_len: int, seed: int) -> None:
+    text = complete(
         model,
-        idx,
+        tokenizer,
+        sample.prompt,
         sample.max_new_tokens,
         max_seq_length=seq_len,
+        device=fabric.device,
         temperature=sample.temperature,
         top_k=sample.top_k,
-        eos_id=tokenizer.eos_id,
-        vocab_size=tokenizer.vocab_size,
-        generator=generator,
+        seed=seed,
     )
     reshard(model)
-    fabric.print(f"--- sample ---\n{sample.prompt}{tokenizer.decode(out[0, len(prompt) :].tolist())}\n---")
+    fabric.print(f"--- sample ---\n{text}\n---")

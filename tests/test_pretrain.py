@@ -329,3 +329,30 @@ def test_cli_debug_config_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--- sample ---\ndef " in result.stdout
     assert (out / "final" / "tokenizer.json").is_file() and len(losses(out)) == 1  # log_interval 10: the last step
+
+
+@pytest.mark.parametrize("config_file", sorted((REPO / "config_hub").rglob("*.yaml")), ids=lambda p: p.name)
+def test_config_hub_files_parse(config_file, capsys):
+    from litliger.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(config_file), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model_name:" in printed and "train:" in printed
+
+
+def test_pretrained_checkpoint_exports_to_transformers_and_generates(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    from litliger.convert import convert_to_hf
+    from litliger.generate import main as generate_main
+
+    final = run(tmp_path / "out", corpus, steps=3)
+    convert_to_hf(final, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = GPT.from_checkpoint(final).eval()
+    idx = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-4, rtol=0)
+    text = generate_main(final, prompt="alpha beta", max_new_tokens=5, temperature=0.0, device="cpu")
+    assert text.startswith("alpha beta")
