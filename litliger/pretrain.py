@@ -182,6 +182,8 @@ def main(
     seq_len = train.max_seq_length or config.block_size
     if seq_len > config.block_size:
         raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
+    total = train.total_steps(train.global_batch_size * seq_len)
+    train.gradient_accumulation_steps(fabric.world_size)  # bad batch sizes fail before any work is done
     fabric.seed_everything(seed)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,6 @@ def main(
         loader_state = restored["dataloader"]
         fabric.print(f"resumed from {resume_dir} at step {progress.step}")
 
-    total = train.total_steps(train.global_batch_size * seq_len)
     train_loader = val_loader = None
     if progress.step < total:  # a seed checkpoint (max_steps 0) or a finished run needs no data
         data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len)
@@ -222,7 +223,7 @@ def main(
             train_loader.load_state_dict(loader_state)
         val_loader = data.val_dataloader()
     n_params = sum(p.numel() for p in unwrap(model).parameters())
-    fabric.print(f"model {config.name or 'custom'}: {n_params / 1e6:.2f}M parameters (this rank), {total} steps")
+    fabric.print(f"model {config.name or 'custom'}: {n_params / 1e6:.2f}M parameters, {total} steps")
 
     path = fit(
         fabric,

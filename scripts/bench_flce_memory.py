@@ -82,7 +82,7 @@ def peak_memory_mib(
     CPU: ``setup`` and ``run`` execute in a fresh spawned subprocess (with ``env`` added to its environment), so
     earlier work cannot hide or inflate the figure; they must be picklable (module-level functions).
     Returns ``{"peak_mib", "exact", "seconds"}``; ``exact`` is False when the process's earlier RSS high-water
-    mark exceeded the call's peak (then the figure is an underestimate).
+    mark exceeded the call's peak (then the figure is an upper bound: that earlier mark minus the baseline).
     CUDA: in-process, from the caching allocator's peak after one warm-up call (``env`` is ignored).
     """
     if device == "cpu":
@@ -161,7 +161,7 @@ def main() -> None:
     header = ("tokens", "hidden", "vocab", "dtype", "variant", "peak MiB", "vs naive", "s")
     print("{:>6} {:>6} {:>6} {:>8}  {:<30} {:>9} {:>8} {:>6}".format(*header))
     for r in results:
-        flag = "" if r["exact"] else "  (lower bound)"
+        flag = "" if r["exact"] else "  (upper bound)"
         print(
             f"{r['tokens']:>6} {r['hidden']:>6} {r['vocab']:>6} {r['dtype']:>8}  {r['variant']:<30} "
             f"{r['peak_mib']:>9.1f} {r['ratio_vs_naive']:>8.1%} {r['seconds']:>6.1f}{flag}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,9 @@ class Progress:
 
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # tokens trained on, all ranks together
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, **self.extra}
+        return {"step": self.step, "tokens": self.tokens}
 
 
 @dataclass
