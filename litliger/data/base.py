@@ -18,6 +18,7 @@ boundary.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from litliger.data.tokenizer import Tokenizer
 _STATE_VERSION = 1
 
 
-class DataModule:
+class DataModule(ABC):
     """Base of litliger's data modules: connect -> prepare_data -> setup -> loaders."""
 
     tokenizer: Tokenizer | None = None
@@ -46,23 +47,23 @@ class DataModule:
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
 
-    def prepare_data(self) -> None:
+    def prepare_data(self) -> None:  # noqa: B027 (an optional hook)
         """Do the one-off, cacheable work (tokenizing); called on rank 0 before the other ranks."""
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 (an optional hook)
         """Build the datasets; called on every rank after `prepare_data`."""
 
+    @abstractmethod
     def train_dataloader(self) -> StreamingDataLoader:
         """A new loader over the training set, yielding LongTensor batches (batch_size, max_seq_length + 1)."""
-        raise NotImplementedError
 
     def val_dataloader(self) -> StreamingDataLoader | None:
         """A new loader over the validation set, or None when there is none."""
         return None
 
+    @abstractmethod
     def training_files(self) -> list[Path]:
         """The files a tokenizer for this data would be trained on."""
-        raise NotImplementedError
 
 
 def collate_tokens(items: list[np.ndarray]) -> torch.Tensor:
