@@ -46,11 +46,6 @@ def _weights_path(checkpoint_dir: str | Path) -> Path:
     return path
 
 
-def checkpoint_keys(checkpoint_dir: str | Path) -> set[str]:
-    with _open_weights(_weights_path(checkpoint_dir)) as f:
-        return set(f.keys())
-
-
 @contextmanager
 def _open_weights(path: Path) -> Iterator:
     try:
@@ -69,26 +64,23 @@ def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
-def load_model_weights(
-    model: nn.Module, checkpoint_dir: str | Path, *, keys: set[str] | None = None, strict: bool = True
-) -> None:
+def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Copy ``model.safetensors`` into ``model``'s (already materialised) parameters.
 
     Shard-aware: an FSDP2 parameter (DTensor) reads only its own rows from the file, so no rank ever
-    holds the full model and nothing is loaded into an empty or meta tensor. ``keys`` limits the
-    parameters that must come from the file (default: all of them); ``strict`` also rejects file entries
-    the model does not expect. Mismatched names or shapes raise an error naming them.
+    holds the full model and nothing is loaded into an empty or meta tensor. The file must hold exactly
+    the model's parameters: mismatched names or shapes raise an error naming them.
     """
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     path = _weights_path(checkpoint_dir)
     params = dict(model.named_parameters())
-    expected = set(params) if keys is None else keys
+    expected = set(params)
     with _open_weights(path) as f:
         stored = set(f.keys())
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        if missing or (strict and unexpected):
+        if missing or unexpected:
             raise ValueError(
                 f"{path} does not match the model: missing {missing[:8]} ({len(missing)} in all), "
                 f"unexpected {unexpected[:8]} ({len(unexpected)} in all). Is it a checkpoint of this model?"

@@ -113,14 +113,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_model_state(fabric: L.Fabric, model: nn.Module, keys: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    """Trainable-or-selected parameters gathered in full on rank 0 (empty on other FSDP ranks)."""
+def _full_model_state(fabric: L.Fabric, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters gathered in full on rank 0 (empty on other FSDP ranks)."""
     module = unwrap(model)
     if is_fsdp(fabric):
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        full = dict(module.named_parameters())
-    return {k: v for k, v in full.items() if keys(k)}
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return dict(module.named_parameters())
 
 
 def save_training_checkpoint(
@@ -133,7 +131,6 @@ def save_training_checkpoint(
     state: dict[str, Any],
     loader_state: dict[str, Any] | None,
     save_tokenizer: Callable[[Path], None] | None,
-    keys: Callable[[str], bool] = lambda _: True,
 ) -> Path:
     """Atomically write ``path`` (a checkpoint folder + training state). Collective: call on every rank."""
     tmp = path.parent / f".{path.name}.tmp"
@@ -147,7 +144,7 @@ def save_training_checkpoint(
     torch.save(
         {"dataloader": loader_state, "rng": _rng_state()}, tmp / STATE_DIR / f"rank{fabric.global_rank:05d}.pt"
     )
-    weights = _full_model_state(fabric, model, keys)
+    weights = _full_model_state(fabric, model)
     if fabric.global_rank == 0:
         write_model_files(tmp, weights, config, save_tokenizer)
         (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps({**state, "world_size": fabric.world_size}, indent=2))

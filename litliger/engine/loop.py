@@ -50,7 +50,6 @@ class FitSetup:
     seq_len: int  # tokens per training sequence (for throughput and MFU)
     max_lr: float
     save_tokenizer: Callable[[Path], None] | None = None
-    checkpoint_keys: Callable[[str], bool] = lambda _: True  # which parameters checkpoints hold
     loss_fn: LossFn = next_token_loss
     tokens_in: Callable[[Batch], int] = lambda b: b.shape[0] * (b.shape[1] - 1)
 
@@ -146,7 +145,6 @@ def fit(
             state=progress.to_dict(),
             loader_state=loader_state(),
             save_tokenizer=setup.save_tokenizer,
-            keys=setup.checkpoint_keys,
         )
 
     def run_validation() -> None:
@@ -192,7 +190,8 @@ def fit(
             steps_since_log += 1
             bar.update(1)
 
-            if progress.step % train.log_interval == 0 or progress.step == total:
+            at_log_point = progress.step % train.log_interval == 0 or progress.step == total
+            if at_log_point:
                 check_finite()
                 loss_avg = fabric.all_reduce(loss_sum / (accum * steps_since_log), reduce_op="mean").item()
                 rates = throughput.measure(progress.tokens)
@@ -206,8 +205,11 @@ def fit(
                 run_validation()
                 throughput.reset(progress.tokens)  # validation time is not training throughput
             stopping = stop.requested
-            if fabric.world_size > 1:  # any rank's SIGTERM stops every rank at the same step
-                stopping = bool(fabric.all_reduce(torch.tensor(float(stopping), device=fabric.device), reduce_op="max"))
+            if fabric.world_size > 1:
+                # Any rank's SIGTERM stops every rank at the same step. The ranks agree at log points, where
+                # the loop waits for the device anyway, so no step pays an extra host sync for it.
+                flag = torch.tensor(float(stopping), device=fabric.device)
+                stopping = at_log_point and bool(fabric.all_reduce(flag, reduce_op="max"))
             if stopping or (train.save_interval and progress.step % train.save_interval == 0 and progress.step < total):
                 check_finite()
                 path = save(step_dir(setup.out_dir, progress.step))

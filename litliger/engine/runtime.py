@@ -105,12 +105,10 @@ def setup_model(
     seed: int,
     resuming: bool,
     load_from: Path | None = None,
-    load_keys: set[str] | None = None,
 ) -> nn.Module:
     """Build, shard (FSDP), materialise, initialise and load a model; returns it set up by Fabric.
 
     ``resuming``: parameters come from ``load_from``, so only buffers are initialised.
-    ``load_keys``: the parameters that must come from ``load_from`` (default: all).
     """
     with torch.device("meta"):
         model = build()
@@ -121,7 +119,7 @@ def setup_model(
     model.to_empty(device=fabric.device)
     init_weights(model, seed=seed, resuming=resuming)
     if load_from is not None:
-        load_model_weights(model, load_from, keys=load_keys)
+        load_model_weights(model, load_from)
     elif resuming:
         raise ValueError("resuming needs a checkpoint to load the weights from")
     if not is_fsdp(fabric):
