@@ -11,9 +11,9 @@ from typing import Literal
 
 import lightning as L
 
-from .checkpoint import read_config
+from .checkpoint import MODEL_FILE, load_model_weights, read_config, write_model_files
 from .config import Config
-from .data import DataModule, PythonStdlib, Tokenizer, infinite_batches
+from .data import DataModule, PythonStdlib, infinite_batches
 from .engine import (
     EvalArgs,
     FitSetup,
@@ -22,18 +22,17 @@ from .engine import (
     TrainArgs,
     build_optimizer,
     check_resumable,
-    find_resume_checkpoint,
     fit,
-    has_checkpoints,
     load_training_state,
     make_fabric,
     make_loggers,
-    reshard,
+    resolve_resume,
     setup_model,
+    training_session,
     unwrap,
 )
-from .generate import complete
 from .model import GPT
+from .recipe import data_loaders, print_sample, resolve_tokenizer
 
 
 @dataclass(frozen=True)
@@ -122,45 +121,6 @@ def resolve_config(model_name: str | None, model_config: Config | None, initial_
     raise ValueError("say which model to train: --model_name NAME (see litliger.configs) or --model_config")
 
 
-def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (which must not overwrite checkpoints)."""
-    if resume is False or resume is None:
-        if has_checkpoints(out_dir):
-            raise ValueError(
-                f"out_dir {out_dir} already holds checkpoints; pass --resume auto to continue that run, "
-                "or choose another --out_dir (nothing was overwritten)"
-            )
-        return None
-    if resume is True or resume == "auto":
-        return find_resume_checkpoint(out_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint folder")
-    return path
-
-
-def resolve_tokenizer(
-    fabric: L.Fabric, config: Config, *, tokenizer_dir: Path | None, checkpoints: list[Path | None], data: DataModule
-) -> Tokenizer:
-    """``tokenizer_dir``'s tokenizer, else the first checkpoint's that has one, else a byte-level BPE of
-    ``config.vocab_size`` trained on the training data (rank 0 trains it; the others read the cache)."""
-    if tokenizer_dir is not None:
-        if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} holds no tokenizer.json")
-        tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    elif source := next((c for c in checkpoints if c is not None and (Path(c) / "tokenizer.json").is_file()), None):
-        tokenizer = Tokenizer.from_dir(source)
-    else:
-        with fabric.rank_zero_first(local=False):
-            tokenizer = Tokenizer.train_bpe(data.training_files(), vocab_size=config.vocab_size)
-    if tokenizer.vocab_size > config.padded_vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model {config.name!r} has only "
-            f"{config.padded_vocab_size} embedding rows; use a model config with vocab_size >= {tokenizer.vocab_size}"
-        )
-    return tokenizer
-
-
 def main(
     fabric: L.Fabric,
     *,
@@ -176,85 +136,79 @@ def main(
     seed: int,
     sample: SampleArgs,
 ) -> Path:
-    resume_dir = resolve_resume(resume, out_dir)
-    if resume_dir is not None:
-        check_resumable(resume_dir, config, fabric.world_size)
     seq_len = train.max_seq_length or config.block_size
     if seq_len > config.block_size:
-        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
+        raise ValueError(
+            f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}, in "
+            "--train.max_seq_length; use a value <= block_size"
+        )
     total = train.total_steps(train.global_batch_size * seq_len)
     train.gradient_accumulation_steps(fabric.world_size)  # bad batch sizes fail before any work is done
-    fabric.seed_everything(seed)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = resolve_tokenizer(
-        fabric, config, tokenizer_dir=tokenizer_dir, checkpoints=[resume_dir, initial_checkpoint_dir], data=data
-    )
+    with training_session(fabric, out_dir) as signals:
+        resume_dir = resolve_resume(resume, out_dir)
+        if resume_dir is not None:
+            check_resumable(resume_dir, config, fabric.world_size)
+        fabric.seed_everything(seed)
+        tokenizer = resolve_tokenizer(
+            fabric, config, tokenizer_dir=tokenizer_dir, checkpoints=[resume_dir, initial_checkpoint_dir], data=data
+        )
 
-    def build() -> GPT:
-        model = GPT(config)
-        model.max_seq_length = seq_len
-        return model
+        def build() -> GPT:
+            model = GPT(config)
+            model.max_seq_length = seq_len
+            return model
 
-    model = setup_model(
-        fabric,
-        build,
-        seed=seed,
-        resuming=resume_dir is not None,
-        load_from=resume_dir if resume_dir is not None else initial_checkpoint_dir,
-    )
-    optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
-    progress = Progress()
-    loader_state = None
-    if resume_dir is not None:
-        restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
-        progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
-        loader_state = restored["dataloader"]
-        fabric.print(f"resumed from {resume_dir} at step {progress.step}")
+        load_from = resume_dir if resume_dir is not None else initial_checkpoint_dir
+        model = setup_model(
+            fabric,
+            build,
+            seed=seed,
+            resuming=resume_dir is not None,
+            load=(lambda m: load_model_weights(m, load_from)) if load_from is not None else None,
+        )
+        optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
+        progress = Progress()
+        loader_state = None
+        if resume_dir is not None:
+            restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
+            progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
+            loader_state = restored["dataloader"]
+            fabric.print(f"resumed from {resume_dir} at step {progress.step}")
 
-    train_loader = val_loader = None
-    if progress.step < total:  # a seed checkpoint (max_steps 0) or a finished run needs no data
-        data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len)
-        with fabric.rank_zero_first(local=False):
-            data.prepare_data()
-        data.setup()
-        train_loader = data.train_dataloader()
-        if loader_state is not None:
-            train_loader.load_state_dict(loader_state)
-        val_loader = data.val_dataloader()
-    n_params = sum(p.numel() for p in unwrap(model).parameters())
-    fabric.print(f"model {config.name or 'custom'}: {n_params / 1e6:.2f}M parameters, {total} steps")
+        train_loader = val_loader = None
+        if progress.step < total or (resume_dir is not None and resume_dir.name != "final"):
+            # a run stopped during its final validation still validates and writes final/ on resume
+            train_loader, val_loader = data_loaders(
+                fabric, data, tokenizer, batch_size=train.micro_batch_size, seq_len=seq_len, loader_state=loader_state
+            )
+        n_params = sum(p.numel() for p in unwrap(model).parameters())
+        fabric.print(f"model {config.name or 'custom'}: {n_params / 1e6:.2f}M parameters, {total} steps")
 
-    path = fit(
-        fabric,
-        model,
-        optimizer,
-        batches=infinite_batches(train_loader) if train_loader is not None else iter(()),
-        loader_state=(lambda: train_loader.state_dict()) if train_loader is not None else (lambda: None),
-        val_loader=val_loader,
-        train=train,
-        eval=eval,
-        setup=FitSetup(
-            config=config, out_dir=out_dir, seq_len=seq_len, max_lr=optimizer_args.lr, save_tokenizer=tokenizer.save
-        ),
-        progress=progress,
-    )
-    if sample.max_new_tokens > 0:
-        print_sample(fabric, model, tokenizer, sample, seq_len, seed)
+        def write_files(folder: Path, tensors: dict, final: bool) -> list[str]:
+            write_model_files(folder, tensors, config, tokenizer.save)
+            return [MODEL_FILE]
+
+        path = fit(
+            fabric,
+            model,
+            optimizer,
+            batches=infinite_batches(train_loader) if train_loader is not None else iter(()),
+            loader_state=(lambda: train_loader.state_dict()) if train_loader is not None else (lambda: None),
+            val_loader=val_loader,
+            train=train,
+            eval=eval,
+            setup=FitSetup(
+                config=config,
+                out_dir=out_dir,
+                seq_len=seq_len,
+                max_lr=optimizer_args.lr,
+                total_steps=total,
+                write_files=write_files,
+                signals=signals,
+                resumed=resume_dir is not None,
+            ),
+            progress=progress,
+        )
+        if sample.max_new_tokens > 0 and path.name == "final":
+            print_sample(fabric, model, tokenizer, sample, seq_len=seq_len, seed=seed)
     return path
-
-
-def print_sample(fabric: L.Fabric, model, tokenizer: Tokenizer, sample: SampleArgs, seq_len: int, seed: int) -> None:
-    text = complete(
-        model,
-        tokenizer,
-        sample.prompt,
-        sample.max_new_tokens,
-        max_seq_length=seq_len,
-        device=fabric.device,
-        temperature=sample.temperature,
-        top_k=sample.top_k,
-        seed=seed,
-    )
-    reshard(model)
-    fabric.print(f"--- sample ---\n{text}\n---")

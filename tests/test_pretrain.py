@@ -123,17 +123,25 @@ def test_exact_resume_across_epoch_boundaries(tmp_path, corpus, cut):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_auto_picks_newest_complete_and_ignores_partial(tmp_path, corpus):
+def test_resume_auto_sweeps_partial_saves_and_never_skips_broken_checkpoints(tmp_path, corpus):
     out = tmp_path / "out"
     run(out, corpus, steps=6, save_interval=2)
     shutil.rmtree(out / "final")
     (out / ".step-00000008.tmp").mkdir()  # what a kill during a save leaves behind
-    (out / "step-00000006").mkdir()  # a folder under a step name without its contents is not complete
     assert find_resume_checkpoint(out) == out / "step-00000004"
+    (out / "step-00000006").mkdir()  # a step folder without its files is not resumable, and never skipped silently
+    with pytest.raises(ValueError, match="cannot be resumed from: step-00000006"):
+        run(out, corpus, steps=6, resume="auto")
+    assert (out / "step-00000006").is_dir() and (out / "step-00000004" / MODEL_FILE).is_file()
+    shutil.rmtree(out / "step-00000006")
     before = losses(out)
     run(out, corpus, steps=6, resume="auto")
+    assert not (out / ".step-00000008.tmp").exists()  # reclaimed by the run that holds the lock
     after = losses(out)
     assert after[5] == before[5] and after[6] == before[6]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in lines if "loss" in m]
+    assert steps == list(range(1, 7))  # the resumed steps replace the interrupted run's lines
 
 
 def test_seed_checkpoint_applies_the_init_policy(tmp_path, corpus):
@@ -211,12 +219,12 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, corpus):
 def test_kill_during_save_leaves_previous_checkpoints(tmp_path, corpus, monkeypatch):
     out = tmp_path / "out"
     run(out, corpus, steps=2, save_interval=1)
-    import litliger.engine.checkpointing as checkpointing
+    import litliger.pretrain as pretrain
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died while writing the weights
 
-    monkeypatch.setattr(checkpointing, "write_model_files", crash)
+    monkeypatch.setattr(pretrain, "write_model_files", crash)
     with pytest.raises(KeyboardInterrupt):
         run(out, corpus, steps=4, resume="auto", save_interval=1)
     assert find_resume_checkpoint(out) == out / "final"

@@ -8,13 +8,17 @@ from .checkpointing import (
     check_resumable,
     find_resume_checkpoint,
     has_checkpoints,
+    is_complete,
     load_training_state,
+    resolve_resume,
     save_training_checkpoint,
 )
-from .loop import FitSetup, Progress, fit, next_token_loss, validate
+from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
 from .metrics import make_loggers
 from .optim import build_optimizer, lr_at
 from .runtime import is_fsdp, make_fabric, reshard, setup_model, unwrap
+from .session import training_session
+from .signals import RunInterrupted, StopSignals
 
 __all__ = [
     "EvalArgs",
@@ -27,13 +31,19 @@ __all__ = [
     "find_resume_checkpoint",
     "fit",
     "has_checkpoints",
+    "is_complete",
     "is_fsdp",
     "load_training_state",
     "lr_at",
     "make_fabric",
     "make_loggers",
+    "next_token_count",
     "next_token_loss",
     "reshard",
+    "resolve_resume",
+    "RunInterrupted",
+    "StopSignals",
+    "training_session",
     "save_training_checkpoint",
     "setup_model",
     "unwrap",

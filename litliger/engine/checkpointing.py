@@ -8,7 +8,9 @@
             rank00000.pt ...           per rank: dataloader state and every RNG
 
 Everything is written into a hidden temporary folder that rank 0 renames into place once all ranks have
-finished, so ``--resume auto`` never sees a partial checkpoint.
+finished, so ``--resume auto`` never sees a partial checkpoint. ``state.json`` lists the files the
+checkpoint consists of (model.safetensors for pretraining, trainable.safetensors for finetuning), and a
+folder is complete only when all of them are there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,9 +36,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoint import MODEL_FILE, publish_dir, read_config, write_model_files
+from ..checkpoint import MODEL_FILE, publish_dir, read_config
 from ..config import Config
 from .runtime import is_fsdp, unwrap
+
+# (folder, tensors, final) -> the names of the files written: the recipe decides what a checkpoint holds
+WriteFiles = Callable[[Path, dict[str, torch.Tensor], bool], list[str]]
 
 STATE_DIR = "training_state"
 STATE_FILE = "state.json"
@@ -47,20 +53,85 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MODEL_FILE).is_file() and (path / STATE_DIR / STATE_FILE).is_file()
+    """Whether ``path`` holds its training state and every file that state lists."""
+    if not (path / STATE_DIR / STATE_FILE).is_file():
+        return False
+    try:
+        files = read_state(path).get("files", [MODEL_FILE])
+    except ValueError:
+        return False
+    return all((path / name).is_file() for name in files)
+
+
+def _checkpoint_folders(out_dir: Path) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.is_dir() and (STEP_PATTERN.match(p.name) or p.name == "final"))
 
 
 def find_resume_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete training checkpoint in ``out_dir`` (by step), or None."""
-    candidates = []
-    for path in out_dir.iterdir() if out_dir.is_dir() else ():
-        if (STEP_PATTERN.match(path.name) or path.name == "final") and is_complete(path):
-            candidates.append((read_state(path)["step"], path.name != "final", path))
+    """The newest complete training checkpoint in ``out_dir`` (by step), or None when it holds none at all.
+
+    A checkpoint folder that is not complete is never skipped silently: resuming from an older one (or
+    starting over) would throw away what the user may still want, so it is an error that names them.
+    """
+    folders = _checkpoint_folders(out_dir)
+    broken = [p.name for p in folders if not is_complete(p)]
+    if broken:
+        raise ValueError(
+            f"out_dir {out_dir} holds checkpoint folders that cannot be resumed from: {', '.join(broken)} "
+            f"(model or training state files are missing), in --resume auto; move them away or pass "
+            "--resume PATH to pick a checkpoint explicitly"
+        )
+    candidates = [(read_state(p)["step"], p.name != "final", p) for p in folders]
     return max(candidates)[2] if candidates else None
 
 
 def has_checkpoints(out_dir: Path) -> bool:
-    return out_dir.is_dir() and any(STEP_PATTERN.match(p.name) or p.name == "final" for p in out_dir.iterdir())
+    return bool(_checkpoint_folders(out_dir))
+
+
+def resolve_resume(resume: bool | str | Path | None, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (which must not overwrite checkpoints)."""
+    if resume is False or resume is None:
+        if has_checkpoints(out_dir):
+            raise ValueError(
+                f"out_dir {out_dir} already holds checkpoints; pass --resume auto to continue that run, "
+                "or choose another --out_dir (nothing was overwritten)"
+            )
+        return None
+    if resume is True or resume == "auto":
+        return find_resume_checkpoint(out_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint folder")
+    if not is_complete(path):
+        raise ValueError(f"--resume {path} is not a complete training checkpoint (files are missing); pick another")
+    return path
+
+
+def sweep_temporary(out_dir: Path) -> list[str]:
+    """Remove what an interrupted save left in ``out_dir`` (hidden ``.X.tmp*`` folders); returns their names.
+
+    A kill between the two renames of a replacing publish leaves ``.X.old-*`` without ``X``: that folder is
+    the only copy of ``X`` and is renamed back, never deleted. Call only while holding the run lock.
+    """
+    removed = []
+    for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else ():
+        name = path.name
+        if not (path.is_dir() and name.startswith(".")):
+            continue
+        if ".old-" in name:
+            original = out_dir / name[1 : name.index(".old-")]
+            if original.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(original)
+            removed.append(name)
+        elif name.endswith(".tmp") or ".tmp-" in name:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -71,9 +142,12 @@ def read_state(path: Path) -> dict[str, Any]:
             "(to start from a model checkpoint without its training state, use --initial_checkpoint_dir)"
         )
     try:
-        return json.loads(file.read_text())
+        state = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is corrupt ({e}); resume from another checkpoint") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{file} is not a litliger training state (no step); resume from another checkpoint")
+    return state
 
 
 def check_resumable(path: Path, config: Config, world_size: int) -> dict[str, Any]:
@@ -88,10 +162,14 @@ def check_resumable(path: Path, config: Config, world_size: int) -> dict[str, An
             f"checkpoint {path} was written by {state['world_size']} processes but this run has {world_size}; "
             f"resume with --devices/--num_nodes giving {state['world_size']} processes"
         )
-    missing = [f"rank{r:05d}.pt" for r in range(world_size) if not (path / STATE_DIR / f"rank{r:05d}.pt").is_file()]
+    missing = [_rank_file(r) for r in range(world_size) if not (path / STATE_DIR / _rank_file(r)).is_file()]
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete: {STATE_DIR}/{missing[0]} is missing")
     return state
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
 
 
 def _no_dist() -> bool:
@@ -113,12 +191,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_model_state(fabric: L.Fabric, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters gathered in full on rank 0 (empty on other FSDP ranks)."""
+def _gathered_parameters(fabric: L.Fabric, model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The parameters in full on rank 0 (empty on other FSDP ranks); only those with requires_grad when
+    ``trainable_only`` (a finetuning step checkpoint never gathers the frozen base)."""
     module = unwrap(model)
     if is_fsdp(fabric):
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return dict(module.named_parameters())
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(module, options=options)
+    return {n: p for n, p in module.named_parameters() if p.requires_grad or not trainable_only}
 
 
 def save_training_checkpoint(
@@ -127,12 +207,17 @@ def save_training_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    config: Config,
     state: dict[str, Any],
     loader_state: dict[str, Any] | None,
-    save_tokenizer: Callable[[Path], None] | None,
+    write_files: WriteFiles,
+    trainable_only: bool = False,
 ) -> Path:
-    """Atomically write ``path`` (a checkpoint folder + training state). Collective: call on every rank."""
+    """Atomically write ``path`` (the recipe's files + training state). Collective: call on every rank.
+
+    ``write_files(folder, tensors, final)`` runs on rank 0 with the gathered parameters (all of them, or
+    only the trainable ones when ``trainable_only`` and this is not ``final``).
+    """
+    final = path.name == "final"
     tmp = path.parent / f".{path.name}.tmp"
     if fabric.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,13 +226,12 @@ def save_training_checkpoint(
     module = unwrap(model)
     optim_state = get_optimizer_state_dict(module, optimizer)
     dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / STATE_DIR / "optimizer"), no_dist=_no_dist())
-    torch.save(
-        {"dataloader": loader_state, "rng": _rng_state()}, tmp / STATE_DIR / f"rank{fabric.global_rank:05d}.pt"
-    )
-    weights = _full_model_state(fabric, model)
+    torch.save({"dataloader": loader_state, "rng": _rng_state()}, tmp / STATE_DIR / _rank_file(fabric.global_rank))
+    weights = _gathered_parameters(fabric, model, trainable_only and not final)
     if fabric.global_rank == 0:
-        write_model_files(tmp, weights, config, save_tokenizer)
-        (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps({**state, "world_size": fabric.world_size}, indent=2))
+        files = write_files(tmp, weights, final)
+        record = {**state, "world_size": fabric.world_size, "files": files}
+        (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps(record, indent=2))
     fabric.barrier()
     if fabric.global_rank == 0:
         publish_dir(tmp, path)
@@ -163,9 +247,13 @@ def load_training_state(
     optim_state = get_optimizer_state_dict(module, optimizer)
     try:
         dcp.load({"optimizer": optim_state}, checkpoint_id=str(path / STATE_DIR / "optimizer"), no_dist=_no_dist())
-    except Exception as e:  # DCP reports missing or mismatched files with several exception types
+    except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps bad files
         raise ValueError(f"cannot read the optimizer state of {path} ({e}); the checkpoint is corrupt") from e
     set_optimizer_state_dict(module, optimizer, optim_state)
-    rank_state = torch.load(path / STATE_DIR / f"rank{fabric.global_rank:05d}.pt", weights_only=False)
+    rank_file = path / STATE_DIR / _rank_file(fabric.global_rank)
+    try:
+        rank_state = torch.load(rank_file, weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors of a truncated or foreign file
+        raise ValueError(f"{rank_file} is corrupt ({type(e).__name__}: {e}); resume from another checkpoint") from e
     _set_rng_state(rank_state["rng"])
     return {"state": read_state(path), "dataloader": rank_state["dataloader"]}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,18 +14,27 @@ from tqdm import tqdm
 
 from ..config import Config, flops_per_token
 from .args import EvalArgs, TrainArgs
-from .checkpointing import save_training_checkpoint, step_dir
+from .checkpointing import WriteFiles, save_training_checkpoint, step_dir
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
 from .runtime import reshard, unwrap
+from .signals import StopSignals
 
 Batch = Any
+# The loss summed over the batch's target tokens (the engine divides by the step's target count).
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+# The number of target tokens of a batch: an int when every batch has the same number (no host sync
+# and no collective is needed then), else a tensor on the batch's device.
+CountFn = Callable[[Batch], "int | torch.Tensor"]
 
 
 def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Pretraining loss: a (B, T + 1) token batch predicts tokens 1..T from 0..T-1 (fused loss in the model)."""
-    return model(batch[:, :-1], targets=batch[:, 1:])
+    return model(batch[:, :-1], targets=batch[:, 1:], reduction="sum")
+
+
+def next_token_count(batch: torch.Tensor) -> int:
+    return batch.shape[0] * (batch.shape[1] - 1)
 
 
 @dataclass
@@ -49,28 +56,14 @@ class FitSetup:
     out_dir: Path
     seq_len: int  # tokens per training sequence (for throughput and MFU)
     max_lr: float
-    save_tokenizer: Callable[[Path], None] | None = None
+    total_steps: int
+    write_files: WriteFiles  # what a checkpoint folder holds (see save_training_checkpoint)
+    signals: StopSignals
+    resumed: bool = False  # metrics.jsonl keeps the lines up to the resumed step; a fresh run starts it anew
+    trainable_only: bool = False  # step checkpoints gather only parameters with requires_grad
     loss_fn: LossFn = next_token_loss
-    tokens_in: Callable[[Batch], int] = lambda b: b.shape[0] * (b.shape[1] - 1)
-
-
-class _StopRequest:
-    """Set by SIGTERM; the loop checkpoints at the end of the current step and returns."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, *_: Any) -> None:
-        self.requested = True
-
-
-@contextmanager
-def _sigterm_stops(flag: _StopRequest) -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, flag)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    count_targets: CountFn = next_token_count
+    tokens_in: Callable[[Batch], int] = next_token_count
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -80,18 +73,39 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def validate(fabric: L.Fabric, model: nn.Module, loader: Iterable, max_iters: int, loss_fn: LossFn) -> float:
-    """Mean loss over up to ``max_iters`` validation batches, averaged across ranks."""
+def validate(
+    fabric: L.Fabric,
+    model: nn.Module,
+    loader: Iterable,
+    max_iters: int,
+    loss_fn: LossFn = next_token_loss,
+    count_targets: CountFn = next_token_count,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> float | None:
+    """Mean loss per target token over up to ``max_iters`` validation batches, all ranks together.
+
+    Returns None when ``should_stop`` cut it short (single process only: with several ranks every rank
+    must run the same forwards, so validation always completes there).
+    """
     model.eval()
-    total, count = torch.zeros((), device=fabric.device), 0
+    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    count = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    stopped = False
     for i, batch in enumerate(loader):
         if i >= max_iters:
             break
-        total += loss_fn(model, _to_device(batch, fabric.device)).float()
-        count += 1
+        if fabric.world_size == 1 and should_stop():
+            stopped = True
+            break
+        batch = _to_device(batch, fabric.device)
+        total += loss_fn(model, batch).double()
+        count += count_targets(batch)
     model.train()
     reshard(model)
-    return fabric.all_reduce(total / max(count, 1), reduce_op="mean").item()
+    if stopped:
+        return None
+    total, count = fabric.all_reduce(torch.stack([total, count]), reduce_op="sum").unbind()
+    return (total / count.clamp(min=1)).item()
 
 
 def _clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -108,6 +122,28 @@ def _clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm
 
 
+def _step_target_count(fabric: L.Fabric, counts: list) -> int | torch.Tensor:
+    """Target tokens of one optimizer step over all micro-batches and ranks."""
+    if all(isinstance(c, int) for c in counts):
+        return sum(counts) * fabric.world_size  # every rank's batches hold the same count
+    total = torch.stack([torch.as_tensor(c, device=fabric.device) for c in counts]).sum().double()
+    return fabric.all_reduce(total, reduce_op="sum") if fabric.world_size > 1 else total
+
+
+def _nonfinite_message(step: int, first_bad_step: int, loss_bad: bool, precision: str, out_dir: Path) -> str:
+    what = "the loss" if loss_bad else "the gradient norm"
+    if first_bad_step == 1:
+        advice = "the initial weights or the data already give non-finite values; check the checkpoint or init_std"
+    elif precision.endswith("-true") and not precision.startswith("32"):
+        advice = f"{precision} keeps weights in half precision; use --precision bf16-mixed or 32-true"
+    else:
+        advice = "lower --optimizer.lr or set --train.max_norm"
+    return (
+        f"{what} became NaN/Inf by step {step}; stopping without saving. Resume from the last checkpoint "
+        f"in {out_dir}: {advice}"
+    )
+
+
 def fit(
     fabric: L.Fabric,
     model: nn.Module,
@@ -120,69 +156,100 @@ def fit(
     eval: EvalArgs,
     setup: FitSetup,
     progress: Progress,
-) -> Path:
-    """Train until ``train``'s step budget is reached, a SIGTERM arrives, or the loss turns non-finite.
+) -> Path | None:
+    """Train until ``setup.total_steps`` is reached, a signal arrives, or the loss turns non-finite.
 
-    Returns the folder of the last checkpoint written (``final`` at the end, ``step-*`` on SIGTERM).
+    Returns the folder of the last checkpoint written (``final`` at the end, ``step-*`` when stopped by
+    SIGTERM/SIGINT), or None when a signal arrived before there was anything to save.
     """
     accum = train.gradient_accumulation_steps(fabric.world_size)
-    tokens_per_step = train.global_batch_size * setup.seq_len
-    total = train.total_steps(tokens_per_step)
-    metrics = MetricsLog(fabric, setup.out_dir)
+    total = setup.total_steps
+    signals = setup.signals
+    precision = getattr(fabric, "litliger_precision", "32-true")
+    metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed else None)
     throughput = Throughput(
-        flops_per_token(setup.config, setup.seq_len),
-        peak_flops(fabric.device, getattr(fabric, "litliger_precision", "32-true")),
-        fabric.world_size,
+        flops_per_token(setup.config, setup.seq_len), peak_flops(fabric.device, precision), fabric.world_size
     )
 
     def save(path: Path) -> Path:
-        return save_training_checkpoint(
+        path = save_training_checkpoint(
             fabric,
             path,
             model=model,
             optimizer=optimizer,
-            config=setup.config,
             state=progress.to_dict(),
             loader_state=loader_state(),
-            save_tokenizer=setup.save_tokenizer,
+            write_files=setup.write_files,
+            trainable_only=setup.trainable_only,
         )
+        fabric.print(f"saved {path}")
+        return path
 
-    def run_validation() -> None:
-        if val_loader is not None:
-            val = validate(fabric, model, val_loader, eval.max_iters, setup.loss_fn)
-            metrics.log({"val_loss": val, "tokens": progress.tokens}, progress.step)
-            fabric.print(f"step {progress.step}: val_loss {val:.4f}")
+    def run_validation() -> bool:
+        """Validate and log; False when a signal cut it short (nothing is logged then)."""
+        if val_loader is None:
+            return True
+        val = validate(
+            fabric, model, val_loader, eval.max_iters, setup.loss_fn, setup.count_targets, lambda: signals.requested
+        )
+        if val is None:
+            return False
+        metrics.log({"val_loss": val, "tokens": progress.tokens}, progress.step)
+        fabric.print(f"step {progress.step}: val_loss {val:.4f}")
+        return True
+
+    def agree_to_stop(at_sync_point: bool) -> bool:
+        # Any rank's signal stops every rank at the same step. The ranks agree at log points, where the loop
+        # waits for the device anyway, so no step pays an extra host sync for it.
+        if fabric.world_size == 1:
+            return signals.requested
+        flag = torch.tensor(float(signals.requested), device=fabric.device)
+        return at_sync_point and bool(fabric.all_reduce(flag, reduce_op="max"))
+
+    def stop_here() -> Path:
+        bar.close()
+        path = save(step_dir(setup.out_dir, progress.step))
+        fabric.print(f"{signals.name or 'SIGTERM'}: stopped after step {progress.step}; resume with --resume auto")
+        return path
 
     if eval.initial_validation and progress.step == 0:
-        run_validation()
-    stop = _StopRequest()
+        run_validation()  # nothing is unsaved yet: a signal here ends the run at once
     bar = tqdm(total=total, initial=progress.step, disable=fabric.global_rank != 0, dynamic_ncols=True, mininterval=1)
-    loss_sum = torch.zeros((), device=fabric.device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=fabric.device)
+    loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    count_sum: int | torch.Tensor = 0
+    nonfinite_loss = torch.zeros((), dtype=torch.bool, device=fabric.device)
+    nonfinite_grad = torch.zeros((), dtype=torch.bool, device=fabric.device)
+    first_step_of_window = progress.step + 1
     steps_since_log = 0
     throughput.reset(progress.tokens)
 
     def check_finite() -> None:
-        if nonfinite.item():
-            raise FloatingPointError(
-                f"the loss or gradient norm became NaN/Inf by step {progress.step}; stopping without saving. "
-                f"Resume from the last checkpoint in {setup.out_dir} with a lower optimizer.lr or train.max_norm"
+        if nonfinite_loss.item() or nonfinite_grad.item():
+            message = _nonfinite_message(
+                progress.step, first_step_of_window, bool(nonfinite_loss.item()), precision, setup.out_dir
             )
+            raise FloatingPointError(message)
 
-    with _sigterm_stops(stop):
+    with signals.deferred():
         while progress.step < total:
             set_lr(optimizer, lr := lr_at(progress.step, setup.max_lr, train, total))
+            micro_batches = [_to_device(next(batches), fabric.device) for _ in range(accum)]
+            step_count = _step_target_count(fabric, [setup.count_targets(b) for b in micro_batches])
+            # gradients are averaged over ranks: undo that, then divide by the step's target count
+            scale = fabric.world_size / step_count
+            if isinstance(scale, torch.Tensor):
+                scale = scale.float()
             step_tokens = 0
-            for micro in range(accum):
-                batch = _to_device(next(batches), fabric.device)
+            for micro, batch in enumerate(micro_batches):
                 step_tokens += setup.tokens_in(batch)
                 with fabric.no_backward_sync(model, enabled=micro < accum - 1):
                     loss = setup.loss_fn(model, batch)
-                    fabric.backward(loss / accum)
-                loss_sum += loss.detach().float()
-                nonfinite |= ~torch.isfinite(loss.detach())
+                    fabric.backward(loss * scale)
+                loss_sum += loss.detach().double()
+                nonfinite_loss |= ~torch.isfinite(loss.detach())
+            count_sum = count_sum + step_count
             grad_norm = _clip_gradients(model, train.max_norm)
-            nonfinite |= ~torch.isfinite(grad_norm)
+            nonfinite_grad |= ~torch.isfinite(grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
@@ -193,36 +260,31 @@ def fit(
             at_log_point = progress.step % train.log_interval == 0 or progress.step == total
             if at_log_point:
                 check_finite()
-                loss_avg = fabric.all_reduce(loss_sum / (accum * steps_since_log), reduce_op="mean").item()
+                first_step_of_window = progress.step + 1
+                all_loss = fabric.all_reduce(loss_sum, reduce_op="sum") if fabric.world_size > 1 else loss_sum
+                loss_avg = (all_loss / count_sum).item()
                 rates = throughput.measure(progress.tokens)
                 values = {"tokens": progress.tokens, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(), **rates}
                 values.update(peak_memory(fabric.device))
                 metrics.log(values, progress.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
                 loss_sum.zero_()
+                count_sum = 0
                 steps_since_log = 0
             if eval.interval and progress.step % eval.interval == 0 and progress.step < total:
                 run_validation()
                 throughput.reset(progress.tokens)  # validation time is not training throughput
-            stopping = stop.requested
-            if fabric.world_size > 1:
-                # Any rank's SIGTERM stops every rank at the same step. The ranks agree at log points, where
-                # the loop waits for the device anyway, so no step pays an extra host sync for it.
-                flag = torch.tensor(float(stopping), device=fabric.device)
-                stopping = at_log_point and bool(fabric.all_reduce(flag, reduce_op="max"))
-            if stopping or (train.save_interval and progress.step % train.save_interval == 0 and progress.step < total):
+            if agree_to_stop(at_log_point):
                 check_finite()
-                path = save(step_dir(setup.out_dir, progress.step))
-                fabric.print(f"saved {path}")
+                return stop_here()
+            if train.save_interval and progress.step % train.save_interval == 0 and progress.step < total:
+                check_finite()
+                save(step_dir(setup.out_dir, progress.step))
                 throughput.reset(progress.tokens)
-                if stopping:
-                    bar.close()
-                    fabric.print(f"SIGTERM: stopped after step {progress.step}; resume with --resume auto")
-                    return path
-    bar.close()
-    check_finite()
-    if eval.final_validation:
-        run_validation()
-    path = save(setup.out_dir / "final")
-    fabric.print(f"saved {path}")
-    return path
+        bar.close()
+        check_finite()
+        validated = not eval.final_validation or run_validation()
+        if not validated or agree_to_stop(True):
+            # stopped during the final validation: keep the trained weights; a resume validates and finishes
+            return stop_here()
+        return save(setup.out_dir / "final")

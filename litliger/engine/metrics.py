@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -57,11 +58,31 @@ def make_loggers(name: str, out_dir: Path, run_name: str) -> list:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0) and forwards to Fabric's loggers."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0) and forwards to Fabric's loggers.
 
-    def __init__(self, fabric: L.Fabric, out_dir: Path) -> None:
+    Each step appears once: a resumed run first drops the lines past the step it resumes from (the
+    interrupted run logged them, the resumed one logs them again), and a fresh run starts a new file.
+    """
+
+    def __init__(self, fabric: L.Fabric, out_dir: Path, keep_through: int | None) -> None:
         self.fabric = fabric
         self.path = out_dir / "metrics.jsonl"
+        if fabric.global_rank == 0 and self.path.exists():
+            self._truncate(keep_through)
+
+    def _truncate(self, keep_through: int | None) -> None:
+        kept = []
+        if keep_through is not None:
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= keep_through:
+                    kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, values: dict[str, Any], step: int) -> None:
         values = {"step": step, **{k: v for k, v in values.items() if v is not None}}

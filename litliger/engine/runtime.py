@@ -12,15 +12,14 @@ Every environment follows the same steps, so the init policy is applied identica
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 
-from ..checkpoint import load_model_weights
 from ..init import assert_replicas_identical, init_weights
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -41,6 +40,35 @@ def resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
+def check_launch(devices: int, num_nodes: int, environ: dict[str, str] | None = None) -> None:
+    """Refuse process counts that the launcher cannot provide, instead of waiting forever for peers."""
+    env = os.environ if environ is None else environ
+    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1, in --{name}")
+    if "WORLD_SIZE" in env and "LOCAL_RANK" in env:  # torchrun (or another torch.distributed launcher)
+        world = int(env["WORLD_SIZE"])
+        if devices * num_nodes != world:
+            raise ValueError(
+                f"--devices {devices} x --num_nodes {num_nodes} = {devices * num_nodes} processes, but the launcher "
+                f"started {world} (WORLD_SIZE); pass --devices and --num_nodes matching torchrun's "
+                "--nproc_per_node and --nnodes"
+            )
+    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        tasks = int(env["SLURM_NTASKS"])
+        if devices * num_nodes != tasks:
+            raise ValueError(
+                f"--devices {devices} x --num_nodes {num_nodes} = {devices * num_nodes} processes, but SLURM runs "
+                f"{tasks} tasks; set --ntasks-per-node to --devices and --nodes to --num_nodes"
+            )
+    elif num_nodes > 1 and "NODE_RANK" not in env:
+        raise ValueError(
+            f"--num_nodes {num_nodes} but no multi-node launcher is present (no torchrun WORLD_SIZE, SLURM or "
+            "NODE_RANK/MASTER_ADDR): the run would wait for the other nodes forever; launch every node with "
+            "torchrun or srun, or use --num_nodes 1"
+        )
+
+
 def _keep_module(module: nn.Module, _mesh: object) -> nn.Module:
     # Sharding happens in setup_model (before materialisation); Fabric's parallelize hook has nothing to do.
     return module
@@ -57,8 +85,16 @@ def make_fabric(
 ) -> L.Fabric:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    check_launch(devices, num_nodes)
     accelerator = resolve_accelerator(accelerator)
     precision = precision or default_precision(accelerator)
+    if precision == "16-true":
+        # fp16 weights and optimizer state: AdamW's eps (1e-8) is 0 in fp16, so any parameter with a zero
+        # gradient (an unused embedding row) becomes 0/0 = NaN after one step
+        raise ValueError(
+            "precision=16-true cannot train: AdamW's eps and small updates underflow in fp16 and weights turn NaN, "
+            "in --precision; use bf16-mixed, bf16-true or 32-true"
+        )
     fabric_precision = precision
     if strategy == "fsdp":
         world = devices * num_nodes
@@ -104,11 +140,13 @@ def setup_model(
     *,
     seed: int,
     resuming: bool,
-    load_from: Path | None = None,
+    load: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Build, shard (FSDP), materialise, initialise and load a model; returns it set up by Fabric.
 
-    ``resuming``: parameters come from ``load_from``, so only buffers are initialised.
+    ``build`` runs under the meta device (it also decides which parameters are frozen). ``load(model)``
+    fills the materialised, initialised model from files (shard-aware). ``resuming``: every parameter
+    comes from ``load``, so only buffers are initialised.
     """
     with torch.device("meta"):
         model = build()
@@ -118,8 +156,8 @@ def setup_model(
         model.to(torch.bfloat16 if fabric.litliger_precision == "bf16-true" else torch.float16)
     model.to_empty(device=fabric.device)
     init_weights(model, seed=seed, resuming=resuming)
-    if load_from is not None:
-        load_model_weights(model, load_from)
+    if load is not None:
+        load(model)
     elif resuming:
         raise ValueError("resuming needs a checkpoint to load the weights from")
     if not is_fsdp(fabric):
