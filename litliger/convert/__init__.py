@@ -2,7 +2,9 @@
 
 ``convert_from_hf(HF_DIR, OUT_DIR)`` writes a litliger checkpoint folder; ``convert_to_hf(CKPT_DIR, OUT_DIR)``
 writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Every parameter is produced
-exactly once; a missing, unknown or mis-shaped weight is an error that names it. See tutorials/convert.md.
+exactly once; a missing, unknown or mis-shaped weight is an error that names it. Neither replaces a non-empty
+``OUT_DIR`` unless ``overwrite=True``, nor ever an input, a folder around or inside one, or a training run's
+folder (``litliger.output_safety.check_output_dir``). See tutorials/convert.md.
 """
 
 from .from_hf import convert_from_hf

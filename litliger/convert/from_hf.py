@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import atomic_dir, copy_tokenizer_files, write_model_files
 from ..config import Config
+from ..output_safety import check_output_dir
 from .hf_config import config_from_hf, hf_family, read_hf_config
 from .hf_files import HFWeights
 from .weight_maps import FamilyMap, family_map, listing, model_shapes
@@ -18,17 +19,21 @@ from .weight_maps import FamilyMap, family_map, listing, model_shapes
 GENERATION_CONFIG = "generation_config.json"
 
 
-def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def convert_from_hf(
+    hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+) -> Path:
     """Convert the Hugging Face model in ``hf_dir`` into the litliger checkpoint folder ``out_dir``.
 
     Reads config.json and the weights (safetensors or .bin, sharded or not), maps every weight through the
     family's explicit map, and writes ``out_dir`` atomically: on any error nothing is left behind and an
     existing ``out_dir`` is untouched. Tensors keep their stored dtype unless ``dtype`` is given.
+    Publishing replaces ``out_dir`` whole, so a non-empty one is refused unless ``overwrite``, and the input,
+    a folder around or inside it, or a training run's folder is refused always (see ``check_output_dir``).
     Raises ``ValueError`` naming any missing, unknown or mis-shaped weight, and any config.json setting the
     litliger model cannot express.
     """
     hf_dir = Path(hf_dir)
-    check_not_input(hf_dir, out_dir)
+    check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)
     hf = read_hf_config(hf_dir)
     family = hf_family(hf)
     config = config_from_hf(hf, name=hf_dir.resolve().name)
@@ -37,13 +42,8 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
         state_dict = state_dict_from_hf(weights, config, family, dtype)
     with atomic_dir(out_dir) as tmp:
         write_model_files(tmp, state_dict, config, save_tokenizer=lambda folder: _copy_tokenizer(hf_dir, folder, hf))
+        check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)  # again: it may have changed meanwhile
     return Path(out_dir)
-
-
-def check_not_input(source: Path, out_dir: str | Path) -> None:
-    # the atomic write replaces out_dir as a whole: it must never be the folder being read
-    if Path(out_dir).resolve() == source.resolve():
-        raise ValueError(f"the output folder {out_dir} is the input folder; choose another one")
 
 
 def _with_embedding_rows(config: Config, weights: HFWeights, family: str) -> Config:

@@ -13,23 +13,29 @@ from safetensors.torch import save_file
 
 from ..checkpoint import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
 from ..config import Config
-from .from_hf import GENERATION_CONFIG, check_not_input
+from ..output_safety import check_output_dir
+from .from_hf import GENERATION_CONFIG
 from .hf_config import config_to_hf
 from .weight_maps import family_map, listing, model_shapes
 
 HF_WEIGHTS = "model.safetensors"
 
 
-def convert_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def convert_to_hf(
+    checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+) -> Path:
     """Convert the litliger checkpoint folder ``checkpoint_dir`` into a Hugging Face folder ``out_dir``.
 
     ``out_dir`` gets config.json (architectures, model_type, dtype) and model.safetensors that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, plus the tokenizer files and
-    generation_config.json when the checkpoint has them. Written atomically. Raises ``ValueError`` when no
-    Hugging Face family can express the Config (naming the field) or the weights do not match it.
+    generation_config.json when the checkpoint has them. Written atomically; publishing replaces ``out_dir``
+    whole, so a non-empty one is refused unless ``overwrite``, and the checkpoint, its run folder (or any
+    folder around or inside it) or another training run's folder is refused always (``check_output_dir``).
+    Raises ``ValueError`` when no Hugging Face family can express the Config (naming the field) or the
+    weights do not match it.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    check_not_input(checkpoint_dir, out_dir)
+    check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)
     config = read_config(checkpoint_dir)
     hf = config_to_hf(config)
     tensors = state_dict_to_hf(load_state_dict(checkpoint_dir), config, hf["model_type"], dtype)
@@ -43,6 +49,7 @@ def convert_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
         copy_tokenizer_files(checkpoint_dir, tmp)
         if (checkpoint_dir / GENERATION_CONFIG).is_file():
             shutil.copy2(checkpoint_dir / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+        check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)  # again: it may have changed meanwhile
     return Path(out_dir)
 
 

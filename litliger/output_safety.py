@@ -1,0 +1,213 @@
+"""Guards for folders a command writes into: nothing a user or a training run holds is ever lost.
+
+``check_output_dir`` is called by every command that publishes a folder with ``checkpoint.atomic_dir``
+(convert_from_hf, convert_to_hf, merge_lora), because publishing replaces an existing folder whole.
+``RunLock`` makes a training run the only writer of its ``out_dir``.
+
+Both live here, below the engine and the recipes, and import only the standard library, so any layer can
+use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+LOCK_FILE = ".litliger-lock"
+# What marks a folder as a training run's out_dir (engine/checkpointing.py writes these), or as one of its
+# checkpoints: such a folder is never replaced, whatever --overwrite says.
+STEP_DIR_PATTERN = re.compile(r"^step-\d{8}$")
+FINAL_DIR = "final"
+TRAINING_STATE_DIR = "training_state"
+
+
+def check_output_dir(
+    out_dir: str | Path, *, inputs: Sequence[str | Path], overwrite: bool, flag: str = "--overwrite"
+) -> None:
+    """Refuse an output folder whose replacement would lose data; raise ``ValueError`` saying why.
+
+    Always refused, even with ``overwrite``: an input folder itself, a folder that holds an input (a parent
+    of it), a folder inside an input (the input would change while it is the source), an existing file, and
+    a folder that is or holds a training run (``_training_run_marks``). Otherwise a non-empty folder is refused unless
+    ``overwrite``; a missing or empty one is fine. ``flag`` is the CLI option that sets ``overwrite``.
+    Call it before the work (to fail fast) and again just before publishing (the folder may have changed).
+    """
+    out = Path(out_dir).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out == src:
+            raise ValueError(f"output folder {out_dir} is the input folder; choose another folder")
+        if src.is_relative_to(out):
+            raise ValueError(f"output folder {out_dir} holds the input {source}; choose a folder outside it")
+        if out.is_relative_to(src):
+            raise ValueError(f"output folder {out_dir} is inside the input {source}; choose a folder outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output folder {out_dir} is an existing file; choose a folder path")
+    entries = [p.name + ("/" if p.is_dir() else "") for p in sorted(out.iterdir())]
+    if run_marks := _training_run_marks(out):
+        raise ValueError(
+            f"output folder {out_dir} holds a training run ({_names(run_marks)}); choose another folder "
+            f"({flag} never replaces training checkpoints)"
+        )
+    if entries and not overwrite:
+        raise ValueError(
+            f"output folder {out_dir} is not empty (holds {_names(entries)}); choose an empty or new folder, "
+            f"or pass {flag} true to replace it"  # jsonargparse's bool flags take a value
+        )
+
+
+def _training_run_marks(folder: Path) -> list[str]:
+    """What shows ``folder`` is (or holds) a run's out_dir or checkpoint, as paths relative to it.
+
+    Directly inside: ``step-XXXXXXXX/``, ``final/``, ``training_state/`` or the lock file. Deeper down only
+    the unambiguous ones (``training_state/``, the lock file), since e.g. ``exports/final/`` may be anything.
+    Symbolic links are not followed: replacing the folder removes a link, never what it points to.
+    """
+    marks = []
+    for root, dirs, files in os.walk(folder):
+        where = Path(root).relative_to(folder)
+        direct = where == Path(".")
+        marks += [str(where / name) for name in sorted(files) if name == LOCK_FILE]
+        dirs.sort()  # walk in name order: the same folder gives the same message
+        for name in dirs:
+            if name == TRAINING_STATE_DIR or (direct and (STEP_DIR_PATTERN.match(name) or name == FINAL_DIR)):
+                marks.append(str(where / name) + "/")
+    return marks
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    """``a/, b.txt, c and 4 more``: folders end in /, so a user sees what would be lost."""
+    if len(names) <= shown:
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return ", ".join(names[:shown]) + f" and {len(names) - shown} more"
+
+
+# --- the run lock ------------------------------------------------------------------------------------------
+
+
+class RunLockedError(ValueError):
+    """The out_dir is locked by another live process, or already by this one.
+
+    A ValueError, so the CLI reports it as one line like every other input a user can fix.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    """Who holds (or held) a run lock: what the lock file records."""
+
+    pid: int
+    host: str
+    started: str
+    command: str
+
+    def stale_notice(self) -> str:
+        """The one line a caller prints when it takes over the lock of a process that died holding it."""
+        return f"taking over the stale lock of process {self.pid} on host {self.host}"
+
+
+# Locks held by this process, by the lock file's (device, inode): a second flock from this process on the
+# same file would fail as if another process held it, naming our own pid, so re-entry is caught first.
+_HELD: set[tuple[int, int]] = set()
+
+
+class RunLock:
+    """An exclusive lock on a run's ``out_dir``: ``out_dir/.litliger-lock`` held with ``flock``.
+
+    The kernel drops a flock when its holder dies, so a crashed run (even SIGKILLed) never leaves the folder
+    stuck: the next run takes the lock over, and ``acquire()`` returns the dead holder (from the file's
+    content) so the caller can print ``holder.stale_notice()``. The library itself prints nothing.
+
+    Not re-entrant: acquiring a folder this process already holds (through any ``RunLock`` or path
+    spelling) raises ``RunLockedError`` instead of counting, since two writers in one process are as much
+    a bug as two processes. ``release()`` empties the file (so a clean exit is not reported as stale later)
+    but leaves it in place: deleting it would let a waiting process lock a file that is about to vanish.
+    Processes forked while the lock is held share it (flock belongs to the open file), so a run is only
+    considered finished when its forked workers are gone too.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_FILE
+        self._fd: int | None = None
+        self._key: tuple[int, int] | None = None
+        self.stale: LockHolder | None = None  # the dead holder the last acquire() took over
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> LockHolder | None:
+        """Lock ``out_dir`` (creating it); returns the holder whose stale lock was taken over, else None."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            stat = os.fstat(fd)
+            key = (stat.st_dev, stat.st_ino)
+            if key in _HELD:
+                raise RunLockedError(
+                    f"out_dir {self.out_dir} is already locked by this process (pid {os.getpid()}); "
+                    "release that lock before acquiring it again"
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                who = (
+                    f"process {holder.pid} on host {holder.host} (started {holder.started})"
+                    if holder
+                    else "another process (just starting)"  # it has the flock but has not written its info yet
+                )
+                raise RunLockedError(
+                    f"out_dir {self.out_dir} is in use by {who}; wait for it to finish or choose another --out_dir"
+                ) from None
+            stale = _read_holder(fd)
+            started = datetime.now().astimezone().isoformat(timespec="seconds")
+            me = LockHolder(os.getpid(), socket.gethostname(), started, " ".join(sys.argv))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(dataclasses.asdict(me)).encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing drops the flock too, if it was taken
+            raise
+        self._fd, self._key, self.stale = fd, key, stale
+        _HELD.add(key)
+        return stale
+
+    def release(self) -> None:
+        """Unlock and close; a no-op when not held (safe in ``finally``)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # still locked: nobody reads a half-cleared file
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            _HELD.discard(self._key)
+            self._fd = self._key = None
+
+    def __enter__(self) -> RunLock:
+        """``with RunLock(out_dir) as lock:``; a taken-over stale holder is in ``lock.stale``."""
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> LockHolder | None:
+    """The holder recorded in the lock file, or None when it is empty (released cleanly) or unreadable."""
+    try:
+        info = json.loads(os.pread(fd, 1 << 16, 0))
+        return LockHolder(int(info["pid"]), str(info["host"]), str(info["started"]), str(info["command"]))
+    except (ValueError, KeyError, TypeError):
+        return None
