@@ -318,7 +318,7 @@ def test_failed_conversion_keeps_an_existing_output(tmp_path):
     before = load_state_dict(tmp_path / "lit")
     _rewrite_weights(tmp_path / "hf", lambda t: t.pop("model.norm.weight"))
     with pytest.raises(ValueError, match=r"model\.norm\.weight"):
-        convert_from_hf(tmp_path / "hf", tmp_path / "lit")
+        convert_from_hf(tmp_path / "hf", tmp_path / "lit", overwrite=True)
     after = load_state_dict(tmp_path / "lit")
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="is the input folder"):  # would replace the folder being read

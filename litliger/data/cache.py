@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -38,6 +39,29 @@ def json_digest(obj: Any) -> str:
     return bytes_digest(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def reclaim_stale(folder: Path) -> list[str]:
+    """Remove ``.tmp-*`` folders in ``folder`` left by processes of this host that no longer run (a kill
+    during preparation); returns their names. Folders of live processes and of other hosts are kept."""
+    mine = re.compile(rf"-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}$")  # .tmp-<name>-<host>-<pid>-<uuid>
+    removed = []
+    for path in folder.glob(".tmp-*"):
+        match = mine.search(path.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 @contextmanager
 def publish_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder next to `final`; on success rename it to `final` atomically.
@@ -46,6 +70,7 @@ def publish_dir(final: Path) -> Iterator[Path]:
     ours is discarded: both are built from identical inputs. On error the temporary folder is removed.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    reclaim_stale(final.parent)
     tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -38,14 +37,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint import MODEL_FILE, publish_dir, read_config
 from ..config import Config
+from ..output_safety import FINAL_DIR, STEP_DIR_PATTERN, TRAINING_STATE_DIR
 from .runtime import is_fsdp, unwrap
 
 # (folder, tensors, final) -> the names of the files written: the recipe decides what a checkpoint holds
 WriteFiles = Callable[[Path, dict[str, torch.Tensor], bool], list[str]]
 
-STATE_DIR = "training_state"
+STATE_DIR = TRAINING_STATE_DIR
 STATE_FILE = "state.json"
-STEP_PATTERN = re.compile(r"^step-(\d{8})$")
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
@@ -66,7 +65,8 @@ def is_complete(path: Path) -> bool:
 def _checkpoint_folders(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir() if p.is_dir() and (STEP_PATTERN.match(p.name) or p.name == "final"))
+    marked = (p for p in out_dir.iterdir() if STEP_DIR_PATTERN.match(p.name) or p.name == FINAL_DIR)
+    return sorted(p for p in marked if p.is_dir())
 
 
 def find_resume_checkpoint(out_dir: Path) -> Path | None:
