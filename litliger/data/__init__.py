@@ -1,11 +1,28 @@
-"""Data: tokenizers, text corpora tokenized into litdata caches, and resumable loaders.
+"""Data: tokenizers, text corpora tokenized into litdata caches, instruction data, and resumable loaders.
 
-Layering: this package may use torch, tokenizers and litdata, never the model, the engine or Fabric.
+Layering: this package may use torch, tokenizers, litdata and jinja2 (chat templates; a torch dependency),
+never the model, the engine or Fabric.
 """
 
 from litliger.data.base import DataModule, ResumableLoader, infinite_batches
+from litliger.data.docstrings import PythonDocstrings
+from litliger.data.example_loader import ExampleLoader
+from litliger.data.instructions import Instructions
+from litliger.data.prompts import PromptStyle, resolve_prompt_style
 from litliger.data.stdlib import PythonStdlib
 from litliger.data.text_files import TextFiles
 from litliger.data.tokenizer import Tokenizer
 
-__all__ = ["DataModule", "PythonStdlib", "ResumableLoader", "TextFiles", "Tokenizer", "infinite_batches"]
+__all__ = [
+    "DataModule",
+    "ExampleLoader",
+    "Instructions",
+    "PromptStyle",
+    "PythonDocstrings",
+    "PythonStdlib",
+    "ResumableLoader",
+    "TextFiles",
+    "Tokenizer",
+    "infinite_batches",
+    "resolve_prompt_style",
+]
