@@ -14,13 +14,18 @@ lm_head        N(0, init_std)                               N(0, sqrt(2 / (5 d))
 bias           0                                            0
 norm_weight    1 - norm_offset (0 for Gemma's (1 + w))      1 - norm_offset
 norm_bias      0                                            0
+lora_a         U(-1/sqrt(in), 1/sqrt(in))                   the same (any scheme)
+lora_b         0                                            0
 =============  ==========================================  ==============================================
 
 ``out_proj`` is every projection that writes into the residual stream (attention output, MLP down
 projection). Sources: "normal" is GPT-2's scheme as used by Megatron-LM and nanoGPT (std 0.02, residual
 projections scaled by 1/sqrt(2 n_layer)); "small_wang" is GPT-NeoX's ``small_init`` (Nguyen & Salazar,
 2019, "Transformers without Tears") with ``wang_init`` (Ben Wang's, used for GPT-J / GPT-NeoX) on the
-residual projections.
+residual projections. ``lora_a`` / ``lora_b`` are a LoRA adapter's down (r x in) and up (out x r)
+projections, initialised as PEFT does by default: A = kaiming_uniform(a=sqrt(5)), whose bound
+gain * sqrt(3 / fan_in) with gain = sqrt(2 / (1 + a^2)) is 1/sqrt(in) (std 1/sqrt(3 in)), and B = 0, so
+that B A = 0 and the adapted model starts as exactly the base model (Hu et al., 2021, "LoRA").
 
 How they are applied (:func:`init_weights`, the engine's one entry point). Every draw comes from a
 generator seeded by ``(seed, parameter name, row block)``: the values depend only on the seed and the
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -43,7 +49,18 @@ from torch import nn
 
 from .config import Config
 
-ROLES = ("embedding", "pos_embedding", "linear", "out_proj", "lm_head", "bias", "norm_weight", "norm_bias")
+ROLES = (
+    "embedding",
+    "pos_embedding",
+    "linear",
+    "out_proj",
+    "lm_head",
+    "bias",
+    "norm_weight",
+    "norm_bias",
+    "lora_a",  # a LoRA adapter's A (r x in) and B (out x r): litliger.nn.Linear.add_lora
+    "lora_b",
+)
 # Random values are drawn in blocks of about this many elements (whole rows); the split depends on the
 # tensor's global shape only, so a shard can draw just the blocks that overlap its rows.
 _BLOCK_ELEMENTS = 1 << 20
@@ -72,9 +89,17 @@ class InitPolicy:
             return math.sqrt(2.0 / (5.0 * self.n_embd))
         raise ValueError(f"unknown init scheme {self.scheme!r}; choose 'normal' or 'small_wang'")
 
+    def uniform_bound(self, role: str, fan_in: int | None) -> float | None:
+        """The bound b of a role drawn from U(-b, b), or None for a normal one (the same in every scheme)."""
+        if role != "lora_a":
+            return None
+        if fan_in is None or fan_in < 1:
+            raise ValueError(f"init role 'lora_a' needs fan_in=in_features >= 1, got {fan_in}")
+        return 1.0 / math.sqrt(fan_in)
+
     def constant(self, role: str, norm_offset: float = 0.0) -> float | None:
         """The fill value of a constant role, or None for a random one."""
-        if role in ("bias", "norm_bias"):
+        if role in ("bias", "norm_bias", "lora_b"):
             return 0.0
         if role == "norm_weight":
             return 1.0 - norm_offset
@@ -111,9 +136,12 @@ def _full_name(walk: _Walk, name: str) -> str:
     return f"{walk.prefix}.{name}" if walk.prefix else name
 
 
-def init_parameter(module: nn.Module, name: str, role: str, *, norm_offset: float = 0.0) -> None:
+def init_parameter(
+    module: nn.Module, name: str, role: str, *, norm_offset: float = 0.0, fan_in: int | None = None
+) -> None:
     """Initialise ``module.<name>`` as ``role`` says; called from ``reset_parameters()``.
 
+    ``fan_in`` (the layer's in_features) is needed by the roles whose distribution depends on it (lora_a).
     Skipped (but counted as covered) while resuming: a checkpoint provides the values.
     """
     tensor = getattr(module, name)
@@ -129,6 +157,8 @@ def init_parameter(module: nn.Module, name: str, role: str, *, norm_offset: floa
         value = walk.policy.constant(role, norm_offset)
         if value is not None:
             local.fill_(value)
+        elif (bound := walk.policy.uniform_bound(role, fan_in)) is not None:
+            _fill_uniform(local, offsets, global_shape, bound, walk.draw_seed(), full)
         else:
             _fill_normal(local, offsets, global_shape, walk.policy.std(role), walk.draw_seed(), full)
 
@@ -168,6 +198,27 @@ def _fill_normal(
 ) -> None:
     """Fill ``local`` (the slice of a ``global_shape`` tensor starting at ``offsets``) with N(0, std) values
     that are the same whichever slice a process holds."""
+    _fill_blocks(local, offsets, global_shape, seed, name, lambda v, g: v.normal_(0.0, std, generator=g))
+
+
+def _fill_uniform(
+    local: torch.Tensor, offsets: tuple[int, ...], global_shape: torch.Size, bound: float, seed: int, name: str
+) -> None:
+    """Like :func:`_fill_normal`, with U(-bound, bound) values."""
+    _fill_blocks(local, offsets, global_shape, seed, name, lambda v, g: v.uniform_(-bound, bound, generator=g))
+
+
+def _fill_blocks(
+    local: torch.Tensor,
+    offsets: tuple[int, ...],
+    global_shape: torch.Size,
+    seed: int,
+    name: str,
+    draw: Callable[[torch.Tensor, torch.Generator], object],
+) -> None:
+    """Fill ``local`` from whole row blocks of the global tensor, each drawn in fp32 by ``draw(values,
+    generator)`` from a generator seeded by (seed, name, block): a shard draws only the blocks its rows
+    overlap and keeps its rows, so every slicing of the rows gives the same values."""
     if local.numel() == 0:
         return
     rows = global_shape[0] if global_shape else 1
@@ -182,7 +233,7 @@ def _fill_normal(
         b0, b1 = block * block_rows, min(rows, (block + 1) * block_rows)
         generator.manual_seed(_seed_for(seed, name, block))
         values = torch.empty((b1 - b0, *rest), device=local.device, dtype=torch.float32)
-        values.normal_(0.0, std, generator=generator)
+        draw(values, generator)
         lo, hi = max(start, b0), min(stop, b1)
         part = values[(slice(lo - b0, hi - b0), *inner)]
         if local.dim() == 0:

@@ -143,7 +143,8 @@ class GPT(nn.Module):
             self.rope.resize(value)
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's (weight, bias); the token embedding when embeddings are tied."""
+        """The LM head's base (weight, bias); the token embedding when embeddings are tied. A LoRA adapter on
+        ``lm_head`` is not part of it: :meth:`forward` folds one in (``Linear.fold_lora``)."""
         if self.lm_head is None:
             return self.transformer.wte.weight, None
         return self.lm_head.weight, self.lm_head.bias
@@ -166,6 +167,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.hidden_states(idx)
         weight, bias = self.head()
+        if self.lm_head is not None and self.lm_head.lora_a is not None:
+            x, weight = self.lm_head.fold_lora(x)  # (B, T, C + r), (V, C + r): logits and loss include LoRA
         if targets is None:
             return F.linear(x, weight, bias)  # (B, T, padded_vocab_size)
         return fused_linear_cross_entropy(x, weight, targets, bias)

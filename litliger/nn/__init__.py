@@ -1,6 +1,6 @@
 """Kernel-backed layers; each implements ``reset_parameters()`` through the init policy."""
 
-from .linear import Embedding, Linear
+from .linear import Embedding, Linear, merge_lora_weight
 from .mlp import GeGLUMLP, GeluMLP, SwiGLUMLP
 from .norms import LayerNorm, RMSNorm
 from .rotary import RotaryEmbedding, inverse_frequencies
@@ -15,4 +15,5 @@ __all__ = [
     "RotaryEmbedding",
     "SwiGLUMLP",
     "inverse_frequencies",
+    "merge_lora_weight",
 ]
