@@ -1,19 +1,35 @@
 """The ``litliger`` command: ``litliger <subcommand> [--config FILE] [--key value ...]``.
 
 Every YAML key of a config file is also a flag (``--train.max_steps 20``); unknown keys are an error
-that names them. Errors from bad input are printed as one line (set LITLIGER_DEBUG=1 for the traceback).
+that names them. Every failure a user can cause (a bad value, a missing or corrupt file, a bad flag) is
+printed as ONE line, ``litliger: error: <what>, in <file or flag>; <what to do>``, and exits 1 (2 for
+command-line parse errors, as argparse does); an interrupt exits 130. Set LITLIGER_DEBUG=1 for the
+traceback instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
-# What a user can fix: bad values, missing or unreadable files, a diverging run.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+import yaml
+
+# What a user can fix: bad values (json.JSONDecodeError and UnicodeDecodeError are ValueErrors), missing or
+# unreadable files, a diverging run, corrupt YAML or pickles. Library-specific types are added in _user_errors.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, yaml.YAMLError, pickle.UnpicklingError)
+PARSE_ERROR_EXIT = 2
+USER_ERROR_EXIT = 1
+INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def _commands() -> dict:
+def _commands() -> dict[str, Callable]:
+    """Subcommand name -> the function it runs (jsonargparse builds the flags from its signature)."""
     from .convert import convert_from_hf, convert_to_hf
     from .generate import main as generate
     from .pretrain import setup as pretrain
@@ -26,16 +42,159 @@ def _commands() -> dict:
     }
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS plus the corrupt-file errors of safetensors and torch.distributed.checkpoint.
+
+    ``CheckpointException`` derives from BaseException, so a plain ``except Exception`` would miss it.
+    """
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (*USER_ERRORS, SafetensorError, CheckpointException)
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(os.environ.get("LITLIGER_DEBUG"))
+    errors = _user_errors()
     try:
-        CLI(_commands(), args=argv, as_positional=True)
-    except USER_ERRORS as e:
-        if os.environ.get("LITLIGER_DEBUG"):
+        check_config_files(argv)
+        CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"litliger: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print("litliger: interrupted", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT)
+    except argparse.ArgumentError as e:
+        if debug:
+            raise
+        _fail(parse_error_line(str(e), argv, tuple(_commands())), PARSE_ERROR_EXIT)
+    except BaseException as e:
+        # tokenizers (Rust) raises a bare Exception for a malformed file: never a bug's type, so a user error
+        if debug or not (isinstance(e, errors) or type(e) is Exception):
+            raise
+        _fail(error_line(e), USER_ERROR_EXIT)
+
+
+def _fail(line: str, code: int) -> NoReturn:
+    print(f"litliger: error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def error_line(e: BaseException) -> str:
+    """The exception as one line: its lines joined by "; " (a CheckpointException: each rank's cause)."""
+    while str(e).startswith("Does not validate against any of the Union subtypes") and e.__cause__ is not None:
+        e = e.__cause__  # jsonargparse wraps the error of e.g. Config.__post_init__ in a report of every type tried
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:  # torch.distributed.checkpoint: str() holds tracebacks
+        causes = "; ".join(f"rank {rank}: {one_line(exc)}" for rank, (exc, _) in sorted(failures.items()))
+        return f"a distributed checkpoint could not be read or written ({causes}); resume from another checkpoint"
+    return one_line(e)
+
+
+def one_line(e: BaseException | str) -> str:
+    """The message with its lines joined by "; " (blank lines dropped): the report stays one line."""
+    text = e if isinstance(e, str) else str(e) or type(e).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) pairs of the command line, for both ``--flag value`` and ``--flag=value``."""
+    pairs = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            pairs.append((flag, value))
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            pairs.append((arg, argv[i + 1]))
+    return pairs
+
+
+def _read_model_config(path: Path) -> None:
+    from .config import Config
+
+    Config.from_file(path)
+
+
+# Files that a flag names and that litliger can check better than jsonargparse (its reports of a bad
+# model_config.yaml are many lines and do not say which file).
+FILE_CHECKS: dict[str, Callable[[Path], None]] = {"--model_config": _read_model_config}
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read every YAML file named on the command line (``--config``, ``--model_config`` ...) before
+    jsonargparse does, so that a broken one is reported in one line naming the file and the flag."""
+    for flag, value in flag_values(argv):
+        path = Path(value)
+        if path.suffix not in (".yaml", ".yml") or not path.is_file():
+            continue  # jsonargparse reports a missing file (and accepts inline YAML) itself
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"invalid YAML ({yaml_problem(e)}), in {flag} {path}; fix the file") from e
+        if flag in FILE_CHECKS:
+            FILE_CHECKS[flag](path)
+
+
+def yaml_problem(e: BaseException) -> str:
+    """A YAML error's problem and position without the multi-line context it prints."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or one_line(e)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+# Lines of jsonargparse's union-type reports that say nothing about what is wrong.
+_NOISE = re.compile(
+    r"^(- )?(Subtypes:|Errors:|Given value( type)?:|Does not validate against any of the Union subtypes|"
+    r"Expected a <class 'NoneType'>|Unexpected import path format)"
+)
+
+
+def _readable(text: str) -> str:
+    """``Expected a <class 'int'>. Got value: abc`` -> ``got abc, expected int``, and the like."""
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
+    text = re.sub(r"Literal\[(.*?)\]", r"one of \1", text)
+    text = re.sub(r"^Option '([^']+)' is not accepted$", r"unknown key '\1'", text)
+    return re.sub(r"^Expected an? (.+?)\. Got value: (.*)$", r"got \2, expected \1", text)
+
+
+def _details(lines: list[str]) -> str:
+    """The informative part of a report on one flag's value, as one line."""
+    details = [line.removeprefix("- ") for line in lines if line and not _NOISE.match(line)]
+    sub_config = next((i for i, line in enumerate(details) if "sub-config file" in line), None)
+    if sub_config is not None:  # a file given to the flag is broken: that is the news
+        details = details[sub_config:]
+    if len(details) > 1:  # "not a path" only matters when nothing better was said
+        details = [line for line in details if not line.startswith("Expected a path but")]
+    text = "; ".join(_readable(line) for line in details)
+    # nested reports: "Problem with given class_path 'X':; Parser key "k":; <why>" -> "X: k: <why>"
+    text = re.sub(r"Problem with given class_path '([^']+)':; ", r"\1: ", text)
+    return re.sub(r'Parser key "([^"]+)":;? ', r"\1: ", text) or "invalid value"
+
+
+def parse_error_line(message: str, argv: list[str], commands: tuple[str, ...] = ()) -> str:
+    """jsonargparse's (often multi-line) report as ``<what>, in <flag or config file>; <what to do>``."""
+    command = argv[0] if argv and argv[0] in commands else None
+    hint = f"see `litliger {command} --help`" if command else "see `litliger --help`"
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["invalid arguments"]
+    first = lines[0]
+    if match := re.match(r"unrecognized arguments: (.*)", first):
+        words = match[1].split()
+        flag = next((w.split("=", 1)[0] for w in words if w.startswith("-")), None)
+        what = f"unknown flag {flag}" if flag else f"unexpected argument {words[0]!r}"
+        return f"{what}, in the command line; {hint}"
+    if match := re.search(r"(?:Group '([^']+)' )?does not accept option '([^']+)'|Option '([^']+)' is not", first):
+        key = f"{match[1]}.{match[2]}" if match[1] else match[2] or match[3]
+        files = [value for flag, value in flag_values(argv) if flag == "--config"]
+        where = f"--config {', '.join(files)}" if files else "the command line"
+        return f"unknown key {key!r}, in {where}; {hint}"
+    if match := re.match(r"argument subcommand: invalid choice: '([^']*)' \((.*)\)", first):
+        return f"unknown command {match[1]!r} ({match[2]}), in the command line; {hint}"
+    if match := re.match(r'Parser key "([^"]+)":\s*(.*)', first):
+        return f"{_details([match[2], *lines[1:]])}, in --{match[1]}; {hint}"
+    return f"{'; '.join(lines)}; {hint}"
 
 
 if __name__ == "__main__":

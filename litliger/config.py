@@ -6,6 +6,10 @@ published configurations (litliger/configs.py) and applies overrides.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +21,9 @@ MLP_CLASSES = ("GeluMLP", "SwiGLUMLP", "GeGLUMLP")
 GELU_APPROXIMATIONS = ("none", "tanh")
 INIT_SCHEMES = ("normal", "small_wang")
 ROPE_SCALING_TYPES = ("linear", "llama3")
+# Sizes that are counts: 0 or less would build no model or divide by zero.
+POSITIVE_SIZES = ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_embd", "n_head")
+OPTIONAL_POSITIVE_SIZES = ("padded_vocab_size", "head_size", "n_query_groups", "intermediate_size", "sliding_window")
 
 
 @dataclass
@@ -66,6 +73,10 @@ class Config:
     init_std: float = 0.02  # the "normal" scheme's base std
 
     def __post_init__(self) -> None:
+        for name in POSITIVE_SIZES + OPTIONAL_POSITIVE_SIZES:
+            value = getattr(self, name)
+            if (value is not None or name in POSITIVE_SIZES) and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Config {self.name!r}: {name}={value!r} must be an integer >= 1")
         if self.head_size is None:
             if self.n_embd % self.n_head:
                 raise ValueError(
@@ -130,28 +141,50 @@ class Config:
 
         if name not in CONFIGS:
             close = [n for n in CONFIGS if name.lower() in n.lower()]
-            hint = f"; did you mean {', '.join(close[:5])}" if close else ""
-            raise ValueError(f"unknown model name {name!r}{hint}. Known names: litliger.configs.CONFIGS")
+            hint = f"did you mean {', '.join(close[:5])}?" if close else ""
+            raise ValueError(f"unknown model name {name!r}, in --model_name; {hint or 'see litliger.configs.CONFIGS'}")
         return cls.from_dict({**CONFIGS[name], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """A Config from plain values (a YAML file, the registry): unknown names and wrong types are refused
+        here, with the field named, rather than failing later somewhere inside the model."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown Config fields {unknown}; valid fields: {sorted(known)}")
+            close = sorted({m for name in unknown for m in difflib.get_close_matches(name, known, n=1)})
+            hint = f"did you mean {', '.join(close)}?" if close else "the fields are listed in litliger/config.py"
+            raise ValueError(f"unknown Config fields {unknown}; {hint}")
+        hints = typing.get_type_hints(cls)
+        values = dict(values)
+        for name, value in values.items():
+            if isinstance(value, str) and float in typing.get_args(hints[name]) + (hints[name],):
+                with contextlib.suppress(ValueError):  # PyYAML reads 1e-5 (no dot) as a string
+                    values[name] = value = float(value)
+            if not _has_type(value, hints[name]):
+                raise ValueError(f"Config field {name}={value!r} must be of type {_type_name(hints[name])}; fix it")
         return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
+        """Read a model_config.yaml; every problem with it is a ValueError that names the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"invalid YAML ({problem}{where}), in {path}; fix or regenerate the file") from e
         if not isinstance(values, dict):
-            raise ValueError(f"model config {path} must hold a mapping of Config fields")
-        return cls.from_dict(values)
+            raise ValueError(f"not a mapping of Config fields, in {path}; fix or regenerate the file")
+        try:
+            return cls.from_dict(values)
+        except ValueError as e:
+            what, _, fix = str(e).partition("; ")
+            raise ValueError(f"{what}, in {path}; {fix or 'fix the file'}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +192,28 @@ class Config:
     def save(self, path: str | Path) -> None:
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a plain (YAML) value fits a Config annotation; ints pass for floats, bools never for numbers."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return True  # __post_init__ names the choices
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -65,7 +65,13 @@ class Tokenizer:
                 f"No tokenizer.json in {path}: pass a folder that holds a Hugging Face tokenizer.json (a downloaded "
                 "model or a litliger checkpoint), or leave tokenizer_dir unset to train a BPE on the training data."
             )
-        backend = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for a malformed file
+            raise ValueError(
+                f"unreadable tokenizer ({str(e).strip() or type(e).__name__}), in {file}; "
+                "replace it with a valid tokenizer.json"
+            ) from e
         config = _read_json(path / "tokenizer_config.json")
         ids = {**_read_json(path / "config.json"), **_read_json(path / "generation_config.json")}
 
@@ -211,7 +217,16 @@ def _token_name(value: Any) -> str | None:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    return json.loads(file.read_text()) if file.is_file() else {}
+    """The JSON object in `file` ({} when absent); a corrupt file is a ValueError that names it."""
+    if not file.is_file():
+        return {}
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"invalid JSON ({e}), in {file}; fix or replace the file") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"not a JSON object, in {file}; fix or replace the file")
+    return values
 
 
 def decode_utf8(data: bytes) -> str | None:

@@ -1,8 +1,68 @@
-"""Hyperparameter groups of a training run; their field names are the public config keys and flags."""
+"""Hyperparameter groups of a training run; their field names are the public config keys and flags.
+
+Every group checks its values when it is built, which the CLI does while parsing: a bad value stops the
+command before any data is prepared or any folder is written, with one line that names the flag.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD")
+
+
+def _fail(name: str, value: object, condition: str, fix: str, flag: str | None) -> None:
+    raise ValueError(f"{name}={value!r} must be {condition}, in {flag or '--' + name}; {fix}")
+
+
+def check_at_least(
+    name: str, value: float | None, minimum: float, fix: str, *, flag: str | None = None, optional: bool = False
+) -> None:
+    """Raise a one-line ValueError naming ``flag`` (default ``--name``) unless ``value >= minimum``.
+
+    ``optional``: None is allowed (it means "off" or "default" for that setting).
+    """
+    if value is None and optional:
+        return
+    if value is None or not (math.isfinite(value) and value >= minimum):
+        _fail(name, value, f">= {minimum}", fix, flag)
+
+
+def check_positive(
+    name: str, value: float | None, fix: str, *, flag: str | None = None, optional: bool = False
+) -> None:
+    """``value >= 1`` for an int (a count: devices, steps, sequences), ``value > 0`` for a float (a rate)."""
+    if value is None and optional:
+        return
+    if isinstance(value, int) and not isinstance(value, bool):
+        check_at_least(name, value, 1, fix, flag=flag)
+    elif value is None or not (math.isfinite(value) and value > 0):
+        _fail(name, value, "> 0", fix, flag)
+
+
+def check_between(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    fix: str,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    flag: str | None = None,
+) -> None:
+    """``low <= value <= high``; ``low_open``/``high_open`` make that end strict."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # also catches NaN
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        _fail(name, value, f"in {interval}", fix, flag)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...], *, flag: str | None = None) -> None:
+    if value not in choices:
+        _fail(name, value, f"one of {', '.join(choices)}", "pick one of those", flag)
 
 
 @dataclass(frozen=True)
@@ -20,6 +80,25 @@ class TrainArgs:
     save_interval: int | None = 1000  # steps between checkpoints (None: only the final one)
     log_interval: int = 1  # steps between metric lines
 
+    def __post_init__(self) -> None:
+        check_positive("train.global_batch_size", self.global_batch_size, "set the sequences per optimizer step")
+        check_positive("train.micro_batch_size", self.micro_batch_size, "set a positive number of sequences per device")
+        if self.global_batch_size % self.micro_batch_size:
+            multiple = f"a multiple of train.micro_batch_size={self.micro_batch_size}"
+            _fail("train.global_batch_size", self.global_batch_size, multiple, "adjust one of them", None)
+        fix = "set tokens per sequence, or null for the model's block_size"
+        check_positive("train.max_seq_length", self.max_seq_length, fix, optional=True)
+        check_at_least("train.max_steps", self.max_steps, 0, "set the number of optimizer steps", optional=True)
+        fix = "set the tokens to train on, or use --train.max_steps"
+        check_positive("train.max_tokens", self.max_tokens, fix, optional=True)
+        check_at_least("train.lr_warmup_steps", self.lr_warmup_steps, 0, "use 0 for no warmup")
+        check_at_least("train.min_lr", self.min_lr, 0, "set the learning rate the schedule ends at")
+        fix = "set a positive clipping norm, or null for no clipping"
+        check_positive("train.max_norm", self.max_norm, fix, optional=True)
+        fix = "set steps between checkpoints, or null for the final one only"
+        check_positive("train.save_interval", self.save_interval, fix, optional=True)
+        check_positive("train.log_interval", self.log_interval, "set steps between metric lines (1: every step)")
+
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
@@ -31,12 +110,10 @@ class TrainArgs:
 
     def total_steps(self, tokens_per_step: int) -> int:
         if self.max_steps is not None:
-            if self.max_steps < 0:
-                raise ValueError(f"train.max_steps={self.max_steps} must be >= 0")
             return self.max_steps
         if self.max_tokens is not None:
             return self.max_tokens // tokens_per_step
-        raise ValueError("set train.max_steps or train.max_tokens to say how long to train")
+        raise ValueError("how long to train is not set, in --train.max_steps / --train.max_tokens; set one of them")
 
 
 @dataclass(frozen=True)
@@ -47,6 +124,11 @@ class EvalArgs:
     max_iters: int = 50  # validation batches per evaluation
     initial_validation: bool = False  # validate once before the first step
     final_validation: bool = True  # validate after the last step
+
+    def __post_init__(self) -> None:
+        fix = "set steps between validations, or null for none during training"
+        check_positive("eval.interval", self.interval, fix, optional=True)
+        check_positive("eval.max_iters", self.max_iters, "set the validation batches per evaluation")
 
 
 @dataclass(frozen=True)
@@ -60,3 +142,14 @@ class OptimizerArgs:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     momentum: float = 0.9  # SGD only
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.name", self.name, OPTIMIZER_NAMES)
+        check_positive("optimizer.lr", self.lr, "set the peak learning rate, e.g. 4e-4")
+        check_at_least("optimizer.weight_decay", self.weight_decay, 0, "use 0 for no weight decay")
+        if len(self.betas) != 2:
+            _fail("optimizer.betas", self.betas, "two numbers", "write e.g. [0.9, 0.95]", None)
+        for beta in self.betas:
+            check_between("optimizer.betas", beta, 0, 1, "write e.g. [0.9, 0.95]", high_open=True)
+        check_positive("optimizer.eps", self.eps, "set a small positive number, e.g. 1e-8")
+        check_between("optimizer.momentum", self.momentum, 0, 1, "use e.g. 0.9", high_open=True)
