@@ -4,20 +4,27 @@
     model_config.yaml     the Config
     tokenizer.json        (+ tokenizer_config.json) when the model has a tokenizer
 
+A finetuning step folder holds ``trainable.safetensors`` (only what was trained) and ``finetune.yaml`` (the
+method, LoRA settings, trainable names, and the base folder with the sha256 of its model.safetensors)
+instead of model.safetensors: the frozen base is never stored twice. litliger/adapter.py loads it.
+
 Folders are written atomically: everything goes into a hidden temporary sibling that is renamed into
 place at the end, so an interrupted write never leaves a folder under the final name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -26,7 +33,9 @@ from .config import Config
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TRAINABLE_FILE = "trainable.safetensors"  # a finetuning checkpoint: only the tensors that were trained
+FINETUNE_FILE = "finetune.yaml"  # ... and what they sit on: method, LoRA settings, base folder + sha256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 def read_config(checkpoint_dir: str | Path) -> Config:
@@ -65,18 +74,25 @@ def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
-    """Copy ``model.safetensors`` into ``model``'s (already materialised) parameters.
+    """Copy ``model.safetensors`` into ``model``'s (already materialised) parameters; the file must hold
+    exactly the model's parameters (see :func:`load_tensors`)."""
+    names = {name for name, _ in model.named_parameters()}
+    load_tensors(model, _weights_path(checkpoint_dir), expected=names)
+
+
+def load_tensors(model: nn.Module, path: Path, *, expected: set[str], copy: set[str] | None = None) -> None:
+    """Copy the tensors named ``copy`` (default: all of ``expected``) from the safetensors file ``path`` into
+    ``model``'s materialised parameters. The file must hold exactly the names ``expected``.
 
     Shard-aware: an FSDP2 parameter (DTensor) reads only its own rows from the file, so no rank ever
-    holds the full model and nothing is loaded into an empty or meta tensor. The file must hold exactly
-    the model's parameters: mismatched names or shapes raise an error naming them.
+    holds the full model and nothing is loaded into an empty or meta tensor. Every name and shape is
+    checked before the first copy, so a mismatch raises an error naming them and leaves the model untouched.
     """
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    path = _weights_path(checkpoint_dir)
     params = dict(model.named_parameters())
-    expected = set(params)
+    copy = expected if copy is None else copy
     with _open_weights(path) as f:
         stored = set(f.keys())
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
@@ -85,8 +101,7 @@ def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
                 f"{path} does not match the model: missing {missing[:8]} ({len(missing)} in all), "
                 f"unexpected {unexpected[:8]} ({len(unexpected)} in all). Is it a checkpoint of this model?"
             )
-        # every name and shape is checked before the first copy, so a mismatch leaves the model untouched
-        for name in sorted(expected):
+        for name in sorted(copy):
             stored_shape = tuple(f.get_slice(name).get_shape())
             if params[name].is_meta:
                 raise RuntimeError(f"{name} is on the meta device; materialise the model before loading weights")
@@ -95,7 +110,7 @@ def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
                     f"{path}: {name} has shape {stored_shape} but the model expects {tuple(params[name].shape)}; "
                     "the checkpoint is of a different model shape"
                 )
-        for name in sorted(expected):
+        for name in sorted(copy):
             param = params[name]
             with torch.no_grad():
                 if isinstance(param, DTensor):
@@ -106,6 +121,48 @@ def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
                         local.copy_(f.get_slice(name)[index])
                 else:
                     param.copy_(f.get_tensor(name))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file's bytes (read in 16 MiB chunks: base models can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_finetune_meta(folder: str | Path) -> dict[str, Any]:
+    """``finetune.yaml`` of a finetuning checkpoint: method, LoRA settings, trainable names, base and prompt style."""
+    path = Path(folder) / FINETUNE_FILE
+    try:
+        meta = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not a finetuning checkpoint: {FINETUNE_FILE} is missing") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}); use another checkpoint") from e
+    keys = {"method", "trainable", "base"}
+    if not isinstance(meta, dict) or not keys <= set(meta) or not {"checkpoint_dir", "sha256"} <= set(meta["base"]):
+        raise ValueError(f"{path} is not a litliger finetune record (needs {sorted(keys)}); use another checkpoint")
+    return meta
+
+
+def check_base(meta: dict[str, Any], where: str | Path) -> Path:
+    """The base checkpoint folder recorded in ``meta``, verified to be the very file the run trained on."""
+    base = Path(meta["base"]["checkpoint_dir"])
+    weights = base / MODEL_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"the base checkpoint {base} recorded in {Path(where) / FINETUNE_FILE} is gone ({MODEL_FILE} missing); "
+            "restore it at that path"
+        )
+    digest = sha256_file(weights)
+    if digest != meta["base"]["sha256"]:
+        raise ValueError(
+            f"the base checkpoint {weights} changed since {where} was trained on it (sha256 {digest[:12]}... vs "
+            f"recorded {meta['base']['sha256'][:12]}...); use the original base weights"
+        )
+    return base
 
 
 @contextmanager

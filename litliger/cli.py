@@ -20,6 +20,8 @@ from typing import NoReturn
 
 import yaml
 
+from .engine.signals import RunInterrupted
+
 # What a user can fix: bad values (json.JSONDecodeError and UnicodeDecodeError are ValueErrors), missing or
 # unreadable files, a diverging run, corrupt YAML or pickles. Library-specific types are added in _user_errors.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, yaml.YAMLError, pickle.UnpicklingError)
@@ -30,12 +32,16 @@ INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 def _commands() -> dict[str, Callable]:
     """Subcommand name -> the function it runs (jsonargparse builds the flags from its signature)."""
+    from .adapter import merge_lora_checkpoint
     from .convert import convert_from_hf, convert_to_hf
+    from .finetune import setup as finetune
     from .generate import main as generate
     from .pretrain import setup as pretrain
 
     return {
         "pretrain": pretrain,
+        "finetune": finetune,
+        "merge_lora": merge_lora_checkpoint,
         "convert_from_hf": convert_from_hf,
         "convert_to_hf": convert_to_hf,
         "generate": generate,
@@ -62,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_config_files(argv)
         CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)
+    except RunInterrupted as e:
+        # a signal before there was training progress to save (after it, the run saves and returns normally)
+        print(f"litliger: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise

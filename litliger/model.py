@@ -164,25 +164,32 @@ class GPT(nn.Module):
             x = block(x, self.rope)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, padded_vocab), or with ``targets`` the cross-entropy over targets != -100
+        (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``)."""
         x = self.hidden_states(idx)
         weight, bias = self.head()
         if self.lm_head is not None and self.lm_head.lora_a is not None:
             x, weight = self.lm_head.fold_lora(x)  # (B, T, C + r), (V, C + r): logits and loss include LoRA
         if targets is None:
             return F.linear(x, weight, bias)  # (B, T, padded_vocab_size)
-        return fused_linear_cross_entropy(x, weight, targets, bias)
+        return fused_linear_cross_entropy(x, weight, targets, bias, reduction=reduction)
 
     @classmethod
     def from_checkpoint(
         cls, checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> GPT:
-        """Load a litliger checkpoint folder (model.safetensors + model_config.yaml).
+        """Load a litliger checkpoint folder (model.safetensors + model_config.yaml), or a finetuning step
+        folder (its base + trainable.safetensors, unmerged; litliger/adapter.py).
 
         The model is built on the meta device, materialised on ``device`` and then filled from the file, so
         nothing is initialised twice and no meta tensor is ever loaded into.
         """
+        from .adapter import is_finetune_checkpoint, load_finetuned
         from .checkpoint import load_model_weights, read_config
+
+        if is_finetune_checkpoint(checkpoint_dir):
+            return load_finetuned(checkpoint_dir, device=device, dtype=dtype)
 
         config = read_config(checkpoint_dir)
         with torch.device("meta"):

@@ -13,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,7 +70,11 @@ def publish_dir(final: Path) -> Iterator[Path]:
 
     If another process published `final` first (two runs preparing the same key), its entry is kept and
     ours is discarded: both are built from identical inputs. On error the temporary folder is removed.
+    The SIGINT/SIGTERM handlers are restored afterwards: a builder may replace them for good (litdata's
+    ``optimize`` installs a SIGINT handler that ends the process with ``os._exit(0)``, so a later Ctrl-C
+    would lose a training run's unsaved steps instead of saving them).
     """
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     final.parent.mkdir(parents=True, exist_ok=True)
     reclaim_stale(final.parent)
     tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -83,3 +89,7 @@ def publish_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for s, handler in handlers.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(s, handler)

@@ -105,6 +105,7 @@ def resolve_resume(resume: bool | str | Path | None, out_dir: Path) -> Path | No
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint folder")
+    read_state(path)  # names state.json when it is missing or corrupt
     if not is_complete(path):
         raise ValueError(f"--resume {path} is not a complete training checkpoint (files are missing); pick another")
     return path
@@ -145,8 +146,10 @@ def read_state(path: Path) -> dict[str, Any]:
         state = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is corrupt ({e}); resume from another checkpoint") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"{file} is not a litliger training state (no step); resume from another checkpoint")
+    if not isinstance(state, dict) or not {"step", "tokens", "world_size"} <= set(state):
+        raise ValueError(
+            f"{file} is not a litliger training state (step, tokens, world_size); resume from another checkpoint"
+        )
     return state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .checkpointing import WriteFiles, save_training_checkpoint, step_dir
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
 from .runtime import reshard, unwrap
-from .signals import StopSignals
+from .signals import RunInterrupted, StopSignals
 
 Batch = Any
 # The loss summed over the batch's target tokens (the engine divides by the step's target count).
@@ -160,7 +161,9 @@ def fit(
     """Train until ``setup.total_steps`` is reached, a signal arrives, or the loss turns non-finite.
 
     Returns the folder of the last checkpoint written (``final`` at the end, ``step-*`` when stopped by
-    SIGTERM/SIGINT), or None when a signal arrived before there was anything to save.
+    SIGTERM/SIGINT), or None when a signal arrived before there was anything to save. A signal that arrives
+    during the save of ``final`` raises :class:`RunInterrupted` once ``final`` is complete: the run is saved,
+    and nothing that follows it (the end-of-run sample) runs.
     """
     accum = train.gradient_accumulation_steps(fabric.world_size)
     total = setup.total_steps
@@ -206,9 +209,9 @@ def fit(
         flag = torch.tensor(float(signals.requested), device=fabric.device)
         return at_sync_point and bool(fabric.all_reduce(flag, reduce_op="max"))
 
-    def stop_here() -> Path:
+    def stop_here(saved: Path | None = None) -> Path:
         bar.close()
-        path = save(step_dir(setup.out_dir, progress.step))
+        path = saved or save(step_dir(setup.out_dir, progress.step))
         fabric.print(f"{signals.name or 'SIGTERM'}: stopped after step {progress.step}; resume with --resume auto")
         return path
 
@@ -274,17 +277,24 @@ def fit(
             if eval.interval and progress.step % eval.interval == 0 and progress.step < total:
                 run_validation()
                 throughput.reset(progress.tokens)  # validation time is not training throughput
-            if agree_to_stop(at_log_point):
-                check_finite()
-                return stop_here()
+            saved = None
             if train.save_interval and progress.step % train.save_interval == 0 and progress.step < total:
                 check_finite()
-                save(step_dir(setup.out_dir, progress.step))
+                saved = save(step_dir(setup.out_dir, progress.step))
                 throughput.reset(progress.tokens)
+            # checked after the periodic save: a signal that arrived during it stops the run at this step (saved
+            # once), not after another step
+            if agree_to_stop(at_log_point):
+                check_finite()
+                return stop_here(saved)
         bar.close()
         check_finite()
         validated = not eval.final_validation or run_validation()
         if not validated or agree_to_stop(True):
             # stopped during the final validation: keep the trained weights; a resume validates and finishes
             return stop_here()
-        return save(setup.out_dir / "final")
+        path = save(setup.out_dir / "final")
+    # a signal that arrived during the final save was only recorded: act on it now that final/ is complete
+    if agree_to_stop(True):
+        raise RunInterrupted(signals.received or signal.SIGTERM)  # ranks without a signal of their own
+    return path

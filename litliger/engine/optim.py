@@ -7,9 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .args import OptimizerArgs, TrainArgs
-
-OPTIMIZERS = ("AdamW", "Adam", "SGD")
+from .args import OPTIMIZER_NAMES, OptimizerArgs, TrainArgs
 
 
 def build_optimizer(model: nn.Module, args: OptimizerArgs) -> torch.optim.Optimizer:
@@ -27,7 +25,7 @@ def build_optimizer(model: nn.Module, args: OptimizerArgs) -> torch.optim.Optimi
         return cls(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     if args.name == "SGD":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    raise ValueError(f"optimizer.name={args.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"optimizer.name={args.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 def lr_at(step: int, max_lr: float, train: TrainArgs, total_steps: int) -> float:

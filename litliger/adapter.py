@@ -1,0 +1,207 @@
+"""Finetuned models: which parameters train, and the checkpoint folder that holds only those.
+
+    step-XXXXXXXX/  trainable.safetensors   exactly the trainable set (LoRA tensors + parameters selected by name)
+                    finetune.yaml           method, LoRA settings, trainable names, base folder + sha256, prompt style
+                    model_config.yaml, tokenizer files (+ training_state/ when written by a run)
+    final/          the same, plus model.safetensors: the merged model, a complete checkpoint folder
+
+The frozen base is never stored again: a step folder is loaded as base (verified by its sha256) + the
+trainable tensors. Any parameter can be trained by its full name, also a bare ``nn.Parameter`` attribute
+of a module (a learned position table, a gate): selection is by name over ``named_parameters()``, so
+nothing that trains can be left out of the file (PEFT's ``modules_to_save`` lost such tensors).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from .checkpoint import (
+    FINETUNE_FILE,
+    MODEL_FILE,
+    TRAINABLE_FILE,
+    check_base,
+    copy_tokenizer_files,
+    load_tensors,
+    parameter_state_dict,
+    read_config,
+    read_finetune_meta,
+    save_checkpoint,
+    write_model_files,
+)
+from .config import Config
+from .init import init_weights
+from .lora import LoRAArgs, apply_lora, lora_parameter_names, merge_lora, merge_lora_state_dict
+from .model import GPT
+
+METHODS = ("lora", "full")
+
+
+def build_finetune_model(
+    config: Config, method: str, lora: LoRAArgs | None, patterns: tuple[str, ...] = ()
+) -> tuple[GPT, list[str]]:
+    """``GPT(config)`` (on the current default device; the engine uses meta) with adapters for ``lora``,
+    ``requires_grad`` set on exactly the trainable set; returns the model and the trainable names."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a finetuning method, in --method; choose one of {METHODS}")
+    model = GPT(config)
+    if method == "lora":
+        apply_lora(model, lora if lora is not None else LoRAArgs())
+    trainable = select_trainable(model, method, patterns)
+    chosen = set(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return model, trainable
+
+
+def select_trainable(model: GPT, method: str, patterns: tuple[str, ...] = ()) -> list[str]:
+    """The trainable parameter names in model order: everything for ``full``; for ``lora`` the adapters plus
+    every parameter matched by a glob pattern over full names (``transformer.wpe.weight``, ``*.norm_*``).
+    A pattern that matches nothing is an error, never a silent no-op."""
+    names = [name for name, _ in model.named_parameters()]
+    if method == "full":
+        return names
+    chosen = set(lora_parameter_names(model))
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(
+                f"train.trainable pattern {pattern!r} matches no parameter of {model.config.name or 'this model'}, "
+                f"in --train.trainable; names look like {names[0]!r} or {names[-1]!r}"
+            )
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
+
+
+def finetune_meta(
+    *,
+    method: str,
+    lora: LoRAArgs | None,
+    trainable: list[str],
+    base_dir: Path,
+    base_sha256: str,
+    prompt_style: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What finetune.yaml records (and what a resume must agree with)."""
+    return {
+        "method": method,
+        "lora": None if method != "lora" or lora is None else {**vars(lora), "targets": list(lora.targets)},
+        "trainable": list(trainable),
+        "base": {"checkpoint_dir": str(Path(base_dir).resolve()), "sha256": base_sha256},
+        "prompt_style": prompt_style,
+    }
+
+
+def check_same_finetune(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """A resume continues the same finetune: same method, LoRA settings, trainable set and base weights."""
+    diffs = []
+    if saved["method"] != current["method"]:
+        diffs.append(f"method {saved['method']} -> {current['method']}")
+    for key in ("r", "alpha", "dropout", "targets"):
+        old, new = (saved.get("lora") or {}).get(key), (current.get("lora") or {}).get(key)
+        if old != new:
+            diffs.append(f"lora.{key} {old} -> {new}")
+    added = sorted(set(current["trainable"]) - set(saved["trainable"]))
+    removed = sorted(set(saved["trainable"]) - set(current["trainable"]))
+    if added or removed:
+        diffs.append(f"trainable set (+{added[:3]} -{removed[:3]})")
+    if saved["base"]["sha256"] != current["base"]["sha256"]:
+        diffs.append(f"base weights ({saved['base']['checkpoint_dir']} -> {current['base']['checkpoint_dir']})")
+    if diffs:
+        raise ValueError(
+            f"checkpoint {where} is of another finetune: {'; '.join(diffs)}; resume with the settings in "
+            f"{where / FINETUNE_FILE} or start a fresh run in another --out_dir"
+        )
+
+
+def write_finetune_files(
+    folder: Path, tensors: dict[str, torch.Tensor], *, meta: dict[str, Any], config: Config, final: bool
+) -> list[str]:
+    """Write a finetuning checkpoint's files into ``folder``; returns their names. ``tensors`` holds at least
+    the trainable set; for ``final`` every parameter, and the merged model is written beside them."""
+    base = Path(meta["base"]["checkpoint_dir"])
+    trainable = {name: tensors[name].detach().to("cpu").contiguous() for name in meta["trainable"]}
+    save_file(trainable, str(folder / TRAINABLE_FILE), metadata={"format": "pt", "litliger": "1"})
+    (folder / FINETUNE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    files = [TRAINABLE_FILE, FINETUNE_FILE]
+    if final:
+        merged = tensors
+        if meta["lora"] is not None:
+            merged = merge_lora_state_dict(dict(tensors), LoRAArgs(**meta["lora"]).scale)
+        write_model_files(folder, merged, config)
+        files.append(MODEL_FILE)
+    else:
+        config.save(folder / "model_config.yaml")
+    copy_tokenizer_files(base, folder)
+    return files
+
+
+def is_finetune_checkpoint(folder: str | Path) -> bool:
+    """A step folder of a finetune (trainable tensors on a base), not a complete checkpoint folder."""
+    folder = Path(folder)
+    return (folder / FINETUNE_FILE).is_file() and not (folder / MODEL_FILE).is_file()
+
+
+def base_parameter_names(model: GPT) -> set[str]:
+    lora = set(lora_parameter_names(model))
+    return {name for name, _ in model.named_parameters() if name not in lora}
+
+
+def load_finetuned(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> GPT:
+    """Load a finetuning step folder as base + trainable tensors (unmerged), after checking that the base
+    file is the one the run trained on."""
+    folder = Path(folder)
+    meta = read_finetune_meta(folder)
+    base = check_base(meta, folder)
+    config = read_config(folder)
+    lora = LoRAArgs(**meta["lora"]) if meta["lora"] is not None else None
+    with torch.device("meta"):
+        model = GPT(config)
+        if lora is not None:
+            apply_lora(model, lora)
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    init_weights(model, seed=0, resuming=True)  # rebuilds the rotary tables; parameters come from the files
+    trainable = set(meta["trainable"])
+    unknown = sorted(trainable - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"{folder / FINETUNE_FILE} names trainable tensors the model lacks: {unknown[:5]}")
+    base_names = base_parameter_names(model)
+    load_tensors(model, base / MODEL_FILE, expected=base_names, copy=base_names - trainable)
+    load_tensors(model, folder / TRAINABLE_FILE, expected=trainable)
+    return model
+
+
+def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """``litliger merge_lora STEP_DIR OUT_DIR``: a finetuning step folder -> a complete checkpoint folder with
+    the adapters merged into the weights (``W += (B @ A) * alpha / r`` in fp32), ready for every command.
+
+    Args:
+        checkpoint_dir: a finetuning checkpoint folder (trainable.safetensors + finetune.yaml).
+        out_dir: the new checkpoint folder (an existing non-empty one only with ``--overwrite``).
+        overwrite: replace a non-empty ``out_dir`` (never the inputs or a run folder).
+    """
+    from .output_safety import check_output_dir
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    meta = read_finetune_meta(checkpoint_dir)
+    base = Path(meta["base"]["checkpoint_dir"])
+    check_output_dir(out_dir, inputs=[checkpoint_dir, base], overwrite=overwrite)
+    model = load_finetuned(checkpoint_dir)
+    merge_lora(model)
+
+    def extra_files(folder: Path) -> None:
+        copy_tokenizer_files(checkpoint_dir, folder)
+        (folder / FINETUNE_FILE).write_text((checkpoint_dir / FINETUNE_FILE).read_text(encoding="utf-8"))
+
+    save_checkpoint(out_dir, parameter_state_dict(model), model.config, save_tokenizer=extra_files)
+    print(f"merged {checkpoint_dir} into {out_dir}")
+    return out_dir
