@@ -152,10 +152,10 @@ def test_malformed_records_name_file_and_line(tmp_path: Path, suffix: str, conte
 
 def test_missing_file_and_bad_settings(tmp_path: Path, backend: HFTokenizer) -> None:
     tok = Tokenizer.from_dir(tokenizer_dir(tmp_path / "tok", backend, None, add_bos=False))
-    data = Instructions(tmp_path / "missing.jsonl")
-    data.connect(tok, 1, 16)
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl does not exist"):
-        data.setup()
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl does not exist, in --data\.json_path"):
+        Instructions(tmp_path / "missing.jsonl")  # refused when the command is parsed, before any work
+    (tmp_path / "x.json").write_text("[]")
+    assert tok.vocab_size > 0
     with pytest.raises(ValueError, match="val_split_fraction"):
         Instructions(tmp_path / "x.json", val_split_fraction=1.0)
     with pytest.raises(ValueError, match="Unknown prompt_style 'llama'"):

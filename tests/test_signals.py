@@ -23,13 +23,7 @@ from litliger.engine import find_resume_checkpoint
 pytestmark = pytest.mark.slow
 
 HOOK_ENV = "LITLIGER_TEST_SIGNAL"  # "<target>:<nth call>:<SIGNAME>:<how many signals>"
-ARMED = """
-import sys, test_signals; test_signals.arm(); from litliger.cli import main; from litliger.engine import RunInterrupted
-try:
-    main()
-except RunInterrupted as e:
-    print(f"litliger: {e}", file=sys.stderr); sys.exit(e.exit_code)
-"""
+ARMED = "import test_signals; test_signals.arm(); from litliger.cli import main; main()"
 STOPPED = "stopped after step"
 
 

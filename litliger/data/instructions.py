@@ -174,6 +174,10 @@ class Instructions(DataModule):
             raise ValueError(
                 f"Unknown prompt_style {self.prompt_style!r}: use 'alpaca' or 'chat_template', or leave it unset."
             )
+        if self.json_path is not None and not self.json_path.is_file():  # checked at parse time, before any work
+            raise FileNotFoundError(
+                f"{self.json_path} does not exist, in --data.json_path; point it at a .json or .jsonl file"
+            )
         self.style: PromptStyle | None = None  # set by select_prompt_style (or assigned), else resolved in setup
         self.stats: dict[str, dict[str, int]] = {}
         self.records: dict[str, list[Record]] = {}  # per split, after setup (e.g. prompts to sample from)
