@@ -127,6 +127,40 @@ def complete(
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
 
 
+def respond(
+    model: nn.Module,
+    tokenizer,
+    style,
+    messages: list[dict[str, str]],
+    max_new_tokens: int,
+    *,
+    max_seq_length: int,
+    device: torch.device | str,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int = 1234,
+) -> str:
+    """The assistant's answer to ``messages`` (a conversation ending with a user turn), formatted by the
+    finetune's prompt style (``litliger.data.PromptStyle``) and ended by EOS or the style's end-of-turn."""
+    ids = style.encode_prompt(tokenizer, messages)[-max_seq_length + 1 :]
+    stop = style.stop_text()
+    stop_id = tokenizer.backend.token_to_id(stop) if stop else None
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        min(max_new_tokens, max_seq_length - len(ids)),
+        max_seq_length=max_seq_length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=stop_id if stop_id is not None else tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (tokenizer.eos_id, stop_id)])
+
+
 def main(
     checkpoint_dir: Path,
     prompt: str = "",
@@ -136,12 +170,17 @@ def main(
     top_p: float = 1.0,
     seed: int = 1234,
     device: str = "auto",
+    raw: bool = False,
 ) -> str:
     """``litliger generate``: sample a continuation of ``prompt`` from a litliger checkpoint folder.
 
     Args:
-        checkpoint_dir: a checkpoint folder with model.safetensors, model_config.yaml and tokenizer.json.
-        prompt: the text to continue (an empty prompt starts from the tokenizer's BOS/EOS token).
+        checkpoint_dir: a checkpoint folder with model.safetensors, model_config.yaml and tokenizer.json,
+            or a finetuning step folder (base + trainable.safetensors).
+        prompt: the text to continue (an empty prompt starts from the tokenizer's BOS/EOS token). For a
+            finetuned checkpoint (finetune.yaml) it is the user's turn, formatted by the prompt style the
+            finetune trained with, and the answer is printed.
+        raw: continue ``prompt`` as plain text even when the checkpoint records a prompt style.
         temperature: 0 for greedy decoding.
         top_k: sample from the k most likely tokens only (null: all).
         top_p: then from the most likely tokens that together hold this probability (1.0: all).
@@ -160,6 +199,23 @@ def main(
         raise ValueError(f"device={device!r} but no CUDA GPU is available, in --device; use --device cpu")
     tokenizer = Tokenizer.from_dir(checkpoint_dir)
     model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+    style = None if raw else _recorded_prompt_style(checkpoint_dir)
+    if style is not None:
+        text = respond(
+            model,
+            tokenizer,
+            style,
+            [{"role": "user", "content": prompt}],
+            max_new_tokens,
+            max_seq_length=model.max_seq_length,
+            device=device,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        print(text)
+        return text
     text = complete(
         model,
         tokenizer,
@@ -174,3 +230,14 @@ def main(
     )
     print(text)
     return text
+
+
+def _recorded_prompt_style(checkpoint_dir: Path):
+    """The prompt style a finetuned checkpoint was trained with, or None (not a finetune, or none recorded)."""
+    from .checkpoint import FINETUNE_FILE, read_finetune_meta
+    from .data import PromptStyle
+
+    if not (Path(checkpoint_dir) / FINETUNE_FILE).is_file():
+        return None
+    recorded = read_finetune_meta(checkpoint_dir).get("prompt_style")
+    return PromptStyle.from_dict(recorded) if recorded else None

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import nn
 
 from .config import Config
 from .data import DataModule, PromptStyle, Tokenizer
 from .engine import reshard
-from .generate import SampleArgs, complete, generate
+from .generate import SampleArgs, complete, respond
 
 
 def resolve_tokenizer(
@@ -100,25 +99,22 @@ def print_response(
     seq_len: int,
     seed: int,
 ) -> str:
-    """Answer the last user turn of ``conversation`` (formatted by the finetune's prompt style, stopping at
-    EOS or the style's end-of-turn token) and print the instruction, the answer and the reference."""
+    """Answer the last user turn of ``conversation`` as the finetune's prompt style formats it and print
+    the instruction and the answer."""
     prompt_messages = conversation[:-1] if conversation[-1]["role"] == "assistant" else conversation
-    ids = style.encode_prompt(tokenizer, prompt_messages)[-seq_len + 1 :]
-    stop = style.stop_text()
-    stop_id = tokenizer.backend.token_to_id(stop) if stop else None
-    out = generate(
+    answer = respond(
         model,
-        torch.tensor([ids], device=fabric.device),
-        min(sample.max_new_tokens, seq_len - len(ids)),
+        tokenizer,
+        style,
+        prompt_messages,
+        sample.max_new_tokens,
         max_seq_length=seq_len,
+        device=fabric.device,
         temperature=sample.temperature,
         top_k=sample.top_k,
         top_p=sample.top_p,
-        eos_id=stop_id if stop_id is not None else tokenizer.eos_id,
-        vocab_size=tokenizer.vocab_size,
-        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
     )
     reshard(model)
-    answer = tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (tokenizer.eos_id, stop_id)])
     fabric.print(f"--- held-out instruction ---\n{prompt_messages[-1]['content']}\n--- response ---\n{answer}\n---")
     return answer

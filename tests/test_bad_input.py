@@ -286,7 +286,7 @@ def _no_training(*args, **kwargs):
 
 
 # Flags with nothing to refuse: switches and free text.
-UNCHECKED = {"eval.initial_validation", "eval.final_validation", "sample.prompt", "prompt", "seed"}
+UNCHECKED = {"eval.initial_validation", "eval.final_validation", "sample.prompt", "prompt", "seed", "raw"}
 
 
 def test_every_flag_has_a_row():
