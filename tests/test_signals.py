@@ -2,9 +2,10 @@
 
 Each run is a real `litliger pretrain` process. A precise moment is hit without sleeps: the process is started
 through ``arm()`` below, which wraps one function of litliger so that the process sends itself the signal
-at exactly that point (see ``TARGETS``), then runs the ordinary command-line entry point.
+at exactly that point (see ``_targets``), then runs the ordinary command-line entry point.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 from test_pretrain import REPO, cli_args, losses, write_corpus
 
 from litliger.checkpoint import MODEL_FILE
+from litliger.data.cache import reclaim_stale
 from litliger.engine import find_resume_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ STOPPED = "stopped after step"
 
 
 def _targets() -> dict:
-    """target -> (module, function, fire after the call instead of before it)."""
+    """target -> (module, function, fire after the call instead of before it, signal the parent process)."""
     import litliger.data.text_files
     import litliger.data.tokenizer
     import litliger.engine.loop
@@ -40,22 +42,24 @@ def _targets() -> dict:
 
     return {
         # a signal while the BPE trainer (Rust) consumes the corpus: at the nth text it reads
-        "tokenizer": (litliger.data.tokenizer, "_texts", False),
+        "tokenizer": (litliger.data.tokenizer, "_texts", False, False),
         # the chunks are written into the cache's private .tmp-* folder, which is not published yet
-        "prepare": (litliger.data.text_files, "_optimize", True),
-        "validate": (litliger.engine.loop, "validate", False),
+        "prepare": (litliger.data.text_files, "_optimize", True, False),
+        # while litdata's worker process tokenizes: the worker signals the litliger process, as a scheduler would
+        "prepare-worker": (litliger.data.text_files._TokenizeShard, "__call__", False, True),
+        "validate": (litliger.engine.loop, "validate", False, False),
         # after the step's backward, before its optimizer step
-        "step": (litliger.engine.loop, "_clip_gradients", False),
+        "step": (litliger.engine.loop, "_clip_gradients", False, False),
         # mid-save: the optimizer state is written, the weights are not yet
-        "save": (litliger.pretrain, "write_model_files", False),
-        "sample": (litliger.recipe, "complete", False),
+        "save": (litliger.pretrain, "write_model_files", False, False),
+        "sample": (litliger.recipe, "complete", False, False),
     }
 
 
 def arm() -> None:
     """Make this process send itself the signal that $LITLIGER_TEST_SIGNAL describes."""
     where, nth, name, times = os.environ[HOOK_ENV].split(":")
-    module, function, after = _targets()[where]
+    module, function, after, parent = _targets()[where]
     original = getattr(module, function)
     calls = 0
 
@@ -65,7 +69,9 @@ def arm() -> None:
         if calls == int(nth):
             print(f"signal hook: {name} x{times} in {where}", file=sys.stderr, flush=True)
             for _ in range(int(times)):
-                os.kill(os.getpid(), signal.Signals[name])
+                os.kill(os.getppid() if parent else os.getpid(), signal.Signals[name])
+            if parent:
+                time.sleep(1)  # the litliger process acts on it while this worker still runs
 
     def wrapper(*args, **kwargs):
         if not after:
@@ -80,14 +86,19 @@ def arm() -> None:
             fire()
             yield item
 
-    setattr(module, function, generator_wrapper if where == "tokenizer" else wrapper)
+    setattr(module, function, generator_wrapper if where in ("tokenizer", "prepare-worker") else wrapper)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
 class Run:
-    """A `litliger pretrain` process (optionally armed) whose output goes to files, not pipes."""
+    """A `litliger pretrain` process (optionally armed) whose output goes to files, not pipes.
+
+    It runs in a session of its own, so that the test can kill it with every process it started.
+    """
+
+    started: list["Run"] = []
 
     def __init__(self, args: list[str], cache: Path, logs: Path, hook: str | None = None) -> None:
         env = {**os.environ, "LITLIGER_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
@@ -96,12 +107,20 @@ class Run:
         if hook is not None:
             env[HOOK_ENV] = hook
             command = [sys.executable, "-c", ARMED]
-        logs.mkdir(parents=True, exist_ok=True)
         n = len(list(logs.glob("*.out")))
         self.stdout_path, self.stderr_path = logs / f"{n}.out", logs / f"{n}.err"
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([*command, *args], env=env, cwd=REPO, stdout=out, stderr=err, text=True)
+            self.proc = subprocess.Popen(
+                [*command, *args], env=env, cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True
+            )
         self.pid = self.proc.pid
+        Run.started.append(self)
+
+    def kill(self) -> None:
+        """SIGKILL the run and every process it started (e.g. litdata's workers)."""
+        with contextlib.suppress(ProcessLookupError):  # all of them are gone already
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def wait(self, timeout: float = 300) -> "Run":
         self.returncode = self.proc.wait(timeout=timeout)
@@ -124,9 +143,19 @@ def shared(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_runs_left():
+    """A failed test leaves no litliger process (or worker of one) running."""
+    yield
+    while Run.started:
+        Run.started.pop().kill()
+
+
 def pretrain(root: Path, out: Path, steps: int, *extra: str, hook=None, cache=None, wait=True) -> Run:
-    args = cli_args(root, root / "corpus", out, steps, *extra)
-    run = Run(args, cache or root / "cache", out.parent / f"{out.name}-logs", hook)
+    """`litliger pretrain` of the tiny model on ``root``'s corpus into ``out``; logs next to it."""
+    logs = out.parent / f"{out.name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)  # the config file is written there: runs in parallel do not share it
+    run = Run(cli_args(logs, root / "corpus", out, steps, *extra), cache or root / "cache", logs, hook)
     return run.wait() if wait else run
 
 
@@ -172,7 +201,7 @@ def test_signals_before_any_step_exit_cleanly_and_leave_nothing(tmp_path, shared
     assert [p.name for p in (cache / "data").iterdir()] == []
     assert not (out / ".litliger-lock").read_text()  # released cleanly: the next run takes no stale lock over
 
-    # what a kill inside a preparation worker leaves: a .tmp-* folder of a process that is gone. Reclaimed.
+    # what a SIGKILL during preparation leaves: a .tmp-* folder of a process that is gone. The next run reclaims it.
     stale = cache / "data" / f".tmp-train-0123-{socket.gethostname()}-{run.pid}-0123abcd"
     (stale / "sub").mkdir(parents=True)
     run = pretrain(shared, out, 2, cache=cache)
@@ -199,12 +228,25 @@ def test_second_sigterm_during_a_save_neither_breaks_it_nor_loses_a_step(tmp_pat
     assert find_resume_checkpoint(out) == out / "step-00000003"  # complete and loadable
     assert sorted(losses(out)) == [1, 2, 3]
 
-    resumed = pretrain(shared, out, 6, *args, "--resume", "auto")
-    assert resumed.returncode == 0, resumed
+    resumed = pretrain(shared, out, 6, *args, "--resume", "auto", wait=False)
+    assert straight.wait().returncode == 0, straight
+    expected = losses(tmp_path / "straight")
+
+    # meanwhile: --resume auto never skips a checkpoint it cannot use (here the uninterrupted run's step-3 without
+    # its weights): one line naming it, nothing deleted
+    (tmp_path / "straight" / "step-00000003" / MODEL_FILE).unlink()
+    before = sorted((tmp_path / "straight").rglob("*"))
+    broken = pretrain(shared, tmp_path / "straight", 6, *args, "--resume", "auto")
+    assert broken.returncode == 1, broken
+    line = broken.last("stderr")
+    assert line.startswith(f"litliger: error: out_dir {tmp_path / 'straight'}"), broken
+    assert "cannot be resumed from: step-00000003" in line and "Traceback" not in broken.stderr
+    assert set(before) <= set((tmp_path / "straight").rglob("*"))
+
+    assert resumed.wait().returncode == 0, resumed
     assert f"resumed from {out / 'step-00000003'} at step 3" in resumed.stdout
     assert resumed.last("stdout") == f"saved {out / 'final'}"
-    assert straight.wait().returncode == 0, straight
-    expected, got = losses(tmp_path / "straight"), losses(out)
+    got = losses(out)
     assert sorted(got) == list(range(1, 7)) and all(got[s] == expected[s] for s in expected), (expected, got)
     steps = [m["step"] for m in metrics(out) if "loss" in m]
     assert steps == list(range(1, 7))  # each step once: the resumed run replaced nothing twice
@@ -227,17 +269,6 @@ def test_sigterm_during_final_validation_saves_the_step_and_resume_finishes(tmp_
     lines = metrics(out)
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
     assert [m["step"] for m in lines if "val_loss" in m] == [3]
-
-    # --resume auto never skips a checkpoint it cannot use: one line naming it, nothing deleted
-    (out / "step-00000003" / MODEL_FILE).unlink()
-    before = sorted(p.relative_to(out) for p in out.rglob("*") if "logs" not in p.parts)
-    broken = pretrain(shared, out, 3, "--resume", "auto")
-    assert broken.returncode == 1, broken
-    assert broken.last("stderr").startswith("litliger: error: out_dir"), broken
-    assert "cannot be resumed from: step-00000003" in broken.last("stderr")
-    assert "Traceback" not in broken.stderr
-    after = sorted(p.relative_to(out) for p in out.rglob("*") if "logs" not in p.parts)
-    assert after == before
 
 
 def test_sigterm_at_the_end_of_a_run_prints_no_sample(tmp_path, shared):
@@ -289,7 +320,7 @@ def test_second_run_into_a_locked_out_dir_stops_at_once_and_a_stale_lock_is_take
     assert [s for s in second.stderr.splitlines() if s.startswith("litliger")] == [line]  # no work was started
     assert first.proc.poll() is None  # the first run is untouched
 
-    first.proc.send_signal(signal.SIGKILL)
+    first.kill()
     first.wait()
     stopped = find_resume_checkpoint(out)
     step = int(stopped.name.split("-")[1]) if stopped is not None else 0
@@ -300,3 +331,29 @@ def test_second_run_into_a_locked_out_dir_stops_at_once_and_a_stale_lock_is_take
         assert f"resumed from {stopped} at step {step}" in third.stdout
     assert third.last("stdout") == f"saved {out / 'final'}"
     assert max(losses(out)) == step + 1 and not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a signal while litdata.optimize's worker processes run: the litliger process prints its line, then "
+    "never exits (multiprocessing joins the worker at exit, and the worker waits for its remover process, which "
+    "waits for a sentinel the interrupted optimize() never sends); litliger/data/text_files.py _optimize must "
+    "end its workers when interrupted",
+)
+def test_sigterm_while_preparation_workers_run_exits_at_once(tmp_path, shared):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    run = pretrain(shared, out, 2, hook="prepare-worker:1:SIGTERM:1", cache=cache, wait=False)
+    deadline = time.time() + 300
+    while "litliger: stopped by" not in run.stderr_path.read_text():
+        assert time.time() < deadline and run.proc.poll() is None, run.wait()
+        time.sleep(0.2)
+    try:
+        run.wait(timeout=15)  # what is left to do is to exit
+    except subprocess.TimeoutExpired:
+        run.kill()
+        pytest.fail("the process did not exit within 15 s of its 'stopped by SIGTERM' line")
+    assert_interrupted(run, "SIGTERM", 0)
+    assert checkpoints(out) == []
+    # a temporary folder a worker still wrote into is one the next run reclaims: its process is gone
+    reclaim_stale(cache / "data")
+    assert not list((cache / "data").glob(".tmp-*"))
