@@ -15,7 +15,13 @@ from typing import Literal
 import lightning as L
 import torch
 
-from .adapter import build_finetune_model, check_same_finetune, finetune_meta, write_finetune_files
+from .adapter import (
+    base_parameter_names,
+    build_finetune_model,
+    check_same_finetune,
+    finetune_meta,
+    write_finetune_files,
+)
 from .checkpoint import MODEL_FILE, TRAINABLE_FILE, load_tensors, read_config, read_finetune_meta, sha256_file
 from .data import DataModule, Instructions, PromptStyle, PythonDocstrings, Tokenizer, infinite_batches
 from .engine import (
@@ -205,8 +211,7 @@ def main(
 
         def load(model: torch.nn.Module) -> None:
             # the frozen base strictly (every base parameter in the file), then the trained tensors on resume
-            lora_names = {n for n in trainable if n.endswith((".lora_a", ".lora_b"))}
-            base_names = {n for n, _ in model.named_parameters()} - lora_names
+            base_names = base_parameter_names(model)
             reloaded = set(trainable) if resume_dir is not None else set()
             load_tensors(model, checkpoint_dir / MODEL_FILE, expected=base_names, copy=base_names - reloaded)
             if resume_dir is not None:

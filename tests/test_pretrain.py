@@ -343,11 +343,13 @@ def test_cli_debug_config_runs(tmp_path):
 def test_config_hub_files_parse(config_file, capsys):
     from litliger.cli import main
 
+    command = config_file.parent.name  # config_hub/<command>/*.yaml
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(config_file), "--print_config"])
+        main([command, "--config", str(config_file), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "model_name:" in printed and "train:" in printed
+    key = {"pretrain": "model_name:", "finetune": "checkpoint_dir:"}[command]
+    assert key in printed and "train:" in printed
 
 
 def test_pretrained_checkpoint_exports_to_transformers_and_generates(tmp_path, corpus):

@@ -333,13 +333,6 @@ def test_second_run_into_a_locked_out_dir_stops_at_once_and_a_stale_lock_is_take
     assert max(losses(out)) == step + 1 and not list(out.glob(".*tmp*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a signal while litdata.optimize's worker processes run: the litliger process prints its line, then "
-    "never exits (multiprocessing joins the worker at exit, and the worker waits for its remover process, which "
-    "waits for a sentinel the interrupted optimize() never sends); litliger/data/text_files.py _optimize must "
-    "end its workers when interrupted",
-)
 def test_sigterm_while_preparation_workers_run_exits_at_once(tmp_path, shared):
     cache, out = tmp_path / "cache", tmp_path / "out"
     run = pretrain(shared, out, 2, hook="prepare-worker:1:SIGTERM:1", cache=cache, wait=False)

@@ -17,14 +17,17 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset, optimize
@@ -285,7 +288,7 @@ def _optimize(fn: _TokenizeShard, writers: int, out_dir: Path, chunk_tokens: int
     }
     previous_method = multiprocessing.get_start_method(allow_none=True)
     try:
-        with _environ(env):
+        with _environ(env), _signals_wait():
             optimize(
                 fn=fn,
                 inputs=list(range(writers)),
@@ -301,6 +304,37 @@ def _optimize(fn: _TokenizeShard, writers: int, out_dir: Path, chunk_tokens: int
     finally:
         multiprocessing.set_start_method(previous_method, force=True)  # optimize() sets it globally
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _signals_wait() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until ``optimize()`` returns, then are raised again for the run's handler.
+
+    Interrupted mid-way, ``optimize()`` leaves its worker processes waiting forever for a stop message (the
+    process then never exits, and they keep the run's out_dir lock), and litdata's own SIGINT handler
+    calls ``os._exit(0)``, which skips every clean-up. Its workers inherit the waiting handler, so a Ctrl-C
+    sent to the whole process group lets them finish too; tokenizing is bounded work.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from litdata.processing import data_processor
+
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in _STOP_SIGNALS}
+    # litdata's one use of the signal module is installing that handler: give it a module that ignores it
+    original, data_processor.signal = data_processor.signal, SimpleNamespace(signal=lambda *_: None, SIGINT=0)
+    try:
+        yield
+    finally:
+        data_processor.signal = original
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextmanager
