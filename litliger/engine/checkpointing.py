@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +181,14 @@ def _no_dist() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every single-process save and load that it assumes a single process: that is the intent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -228,7 +238,8 @@ def save_training_checkpoint(
     fabric.barrier()
     module = unwrap(model)
     optim_state = get_optimizer_state_dict(module, optimizer)
-    dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / STATE_DIR / "optimizer"), no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / STATE_DIR / "optimizer"), no_dist=_no_dist())
     torch.save({"dataloader": loader_state, "rng": _rng_state()}, tmp / STATE_DIR / _rank_file(fabric.global_rank))
     weights = _gathered_parameters(fabric, model, trainable_only and not final)
     if fabric.global_rank == 0:
@@ -249,7 +260,8 @@ def load_training_state(
     module = unwrap(model)
     optim_state = get_optimizer_state_dict(module, optimizer)
     try:
-        dcp.load({"optimizer": optim_state}, checkpoint_id=str(path / STATE_DIR / "optimizer"), no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp.load({"optimizer": optim_state}, checkpoint_id=str(path / STATE_DIR / "optimizer"), no_dist=_no_dist())
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps bad files
         raise ValueError(f"cannot read the optimizer state of {path} ({e}); the checkpoint is corrupt") from e
     set_optimizer_state_dict(module, optimizer, optim_state)

@@ -76,8 +76,3 @@ class StopSignals:
             yield
         finally:
             self._deferring -= 1
-
-    def raise_if_requested(self) -> None:
-        """Outside deferred blocks: act on a signal that arrived while deferred."""
-        if self.received is not None:
-            raise RunInterrupted(self.received)
