@@ -128,9 +128,9 @@ def test_no_grad_forward_forms_no_gradients(device, monkeypatch):
     w.requires_grad_()
     with torch.no_grad(), use_backend("triton"):
         loss = fused_linear_cross_entropy(torch.tanh(a @ p), w, t, bias=b, chunk_size=4)
+    assert calls == []  # (the twin walks the same chunks, so it is called only after this check)
     want = fused_linear_cross_entropy_torch(torch.tanh(a @ p).double(), w.double(), t, bias=b.double())
     torch.testing.assert_close(loss.double(), want, atol=ATOL, rtol=RTOL)
-    assert calls == []
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -180,10 +180,16 @@ def test_twin_matches_plain_cross_entropy(reduction):
 
 
 def test_default_chunk_size():
-    assert flce_module.default_chunk_size(4096, 1024, 65536) == 64  # logits chunk ~ hidden bytes
-    assert flce_module.default_chunk_size(4096, 1024, 65536, 1024) == 1024
-    assert flce_module.default_chunk_size(100, 4096, 32000, 1024) == 100  # never more than the tokens
-    assert flce_module.default_chunk_size(8, 16, 1000) == 8
+    rule = flce_module.default_chunk_size
+    budget = flce_module.CHUNK_LOGITS_BYTES
+    assert rule(1 << 20, 2048, 16384, 4, triton=False) * 16384 * 4 == budget  # a chunk's logits fill the budget
+    assert rule(1 << 20, 2048, 16384, 2, triton=False) * 16384 * (2 + 4) <= budget  # with its fp32 copy
+    assert rule(1 << 20, 2048, 131072, 4, triton=False) == flce_module.TWIN_MIN_CHUNK_ROWS  # matmul efficiency
+    assert rule(1 << 20, 2048, 131072, 2, triton=True) == flce_module.KERNEL_MIN_CHUNK_ROWS  # GEMM efficiency wins
+    assert rule(1 << 20, 256, 8192, 4, triton=False) == budget // (8192 * 4) == 2048
+    assert rule(1 << 20, 256, 32768, 4, triton=False) == 512
+    assert rule(100, 4096, 32000, 4) == 100  # never more than the tokens
+    assert rule(4096, 256, 1 << 20, 4, triton=False) == flce_module.TWIN_MIN_CHUNK_ROWS  # matmul efficiency wins
 
 
 def test_bad_inputs_raise():

@@ -74,6 +74,85 @@ def cross_entropy_torch(
     return _reduce(loss.reshape(targets.shape), valid, reduction)
 
 
+def cross_entropy_rows_torch(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> None:
+    """PyTorch twin of :func:`cross_entropy_rows` for (rows, V) ``logits``: write ``loss`` and ``lse`` (rows,)
+    and, with ``grad`` (possibly ``logits`` itself), ``scale[r] * dloss/dx``. The fused linear cross-entropy's
+    CPU path walks its chunks with this, so both paths share one algorithm."""
+    x = logits.to(loss.dtype)  # the compute dtype; a no-op (no copy) for fp32 / fp64 logits
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < x.shape[-1])
+    safe_t = torch.where(in_range, t, 0).long().unsqueeze(1)
+    m = torch.logsumexp(x, dim=-1)  # (rows,)
+    row = m - x.gather(1, safe_t).squeeze(1)
+    if label_smoothing > 0.0:
+        row = (1.0 - label_smoothing) * row + label_smoothing * (m - x.mean(dim=-1))
+    if z_loss > 0.0:
+        row = row + z_loss * m.square()
+    row = torch.where(valid, row, torch.zeros_like(row))
+    loss.copy_(torch.where(valid & ~in_range, torch.full_like(row, float("nan")), row))
+    lse.copy_(m)
+    if grad is not None:
+        _ce_grad_torch(x, safe_t, valid & in_range, m, scale, label_smoothing, z_loss, grad)
+
+
+def cross_entropy_rows_grad_torch(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
+    """PyTorch twin of :func:`cross_entropy_rows_grad`: ``grad`` gets ``dloss[r] * dloss/dx`` from the saved lse."""
+    t = targets.reshape(-1)
+    in_range = (t >= 0) & (t < logits.shape[-1])
+    safe_t = torch.where(in_range, t, 0).long().unsqueeze(1)
+    x = logits.to(lse.dtype)
+    _ce_grad_torch(x, safe_t, (t != ignore_index) & in_range, lse, dloss, label_smoothing, z_loss, grad)
+
+
+def _ce_grad_torch(
+    x: torch.Tensor,
+    safe_t: torch.Tensor,
+    live: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    grad: torch.Tensor,
+) -> None:
+    """``grad = scale * (p (1 + 2 z lse) - e/V - (1 - e)[j == t])`` row by row, zero where not ``live``.
+
+    In place over ``x`` (which may be ``grad`` itself, or a compute-dtype copy of it): a few passes over the
+    chunk and no (rows, V) temporary, where autograd's log_softmax backward allocates several.
+    """
+    work = x if x.data_ptr() == grad.data_ptr() or x.dtype != grad.dtype else grad
+    torch.sub(x, lse.to(x.dtype).unsqueeze(1), out=work)
+    work.exp_()
+    if z_loss > 0.0:
+        work.mul_((1.0 + 2.0 * z_loss * lse).to(x.dtype).unsqueeze(1))
+    if label_smoothing > 0.0:
+        work.sub_(label_smoothing / x.shape[-1])
+    work.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=work.dtype))
+    work.mul_(scale.to(work.dtype).reshape(-1, 1))
+    work.masked_fill_(~live.unsqueeze(1), 0.0)  # dead rows: their logits may be garbage (padding)
+    if work is not grad:
+        grad.copy_(work)
+
+
 # Widest vocabulary block one program holds in registers; wider rows are walked in blocks (Liger uses the same
 # 32768 with 32 warps). Read at launch time so tests can shrink it to exercise the vocabulary loop.
 MAX_BLOCK = 32768

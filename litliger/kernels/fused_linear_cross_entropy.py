@@ -25,51 +25,47 @@ and turns them into grad_output[r] * dloss/dlogits with the CE backward kernel, 
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_float, check_loss_args, check_same_device, check_targets, check_vector, compute_dtype
 from .backend import use_triton
-from .cross_entropy import _reduce, cross_entropy_rows, cross_entropy_rows_grad, cross_entropy_torch
+from .cross_entropy import (
+    _reduce,
+    cross_entropy_rows,
+    cross_entropy_rows_grad,
+    cross_entropy_rows_grad_torch,
+    cross_entropy_rows_torch,
+)
 
 # Fewest rows per chunk on the Triton path. Every chunk costs one pass over the fp32 grad_weight accumulator
 # (V x H, read + write, plus the bf16 product for half inputs), so with K rows the grad_weight GEMM does about
-# K/6 flop per byte of that traffic: it stays memory-bound (an H100 needs ~300) unless K is ~1K. With the
-# memory rule alone, e.g. 8K tokens, H=2048, V=128K -> 256-row chunks, the accumulator passes would cost more
-# than all three GEMMs together. The CE kernel also runs one program per row and needs several waves of SMs.
-# 1024 rows of logits (256 MiB at V=128K in bf16) stay well below the accumulator itself (V * H * 4 bytes).
+# K/6 flop per byte of that traffic: it stays memory-bound (an H100 needs ~300) unless K is ~1K. The CE kernel
+# also runs one program per row and needs several waves of SMs.
 KERNEL_MIN_CHUNK_ROWS = 1024
+# Fewest rows per chunk on the CPU path (PyTorch twins). With gradients formed in forward, fwd + bwd at
+# H 256 and 1-2K tokens (scripts/sweep_flce_chunks.py, 1 thread) is 0.85-0.99x the naive loss's time for any
+# chunk of 64+ rows at vocab 8K/32K, but at vocab 128K 64-128-row chunks are 1.03-1.22x and 256+ rows 0.93-0.97x.
+TWIN_MIN_CHUNK_ROWS = 256
+# The memory one chunk's logits may take (their gradient overwrites them in place), in bytes. Above the minimum
+# rows, a chunk never holds more than this whatever the tokens and vocabulary; the naive loss holds at least two
+# (N, V) fp32 buffers (logits and their gradient), so the fused loss stays well under half of its peak.
+CHUNK_LOGITS_BYTES = 64 * 2**20
 
 
-def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int, min_rows: int = 16) -> int:
-    """Rows per chunk so that a chunk's logits take about as much memory as the whole hidden input.
+def default_chunk_size(
+    n_tokens: int, hidden_size: int, vocab_size: int, element_size: int = 4, triton: bool = True
+) -> int:
+    """Rows per chunk, one rule for both paths: as many as fit ``CHUNK_LOGITS_BYTES`` of logits (plus the
+    twin's fp32 working copy for half inputs), at least ``KERNEL_MIN_CHUNK_ROWS`` (Triton) or
+    ``TWIN_MIN_CHUNK_ROWS`` (PyTorch) so the matmuls stay efficient, at most ``n_tokens``; a power of two.
 
-    Rounded to a power of two, at least ``min_rows`` (small chunks starve the matmul), at most ``n_tokens``.
-    The twin (a CPU path whose chunks are autograd graphs several logits-sizes big) keeps the default 16; the
-    Triton path asks for ``KERNEL_MIN_CHUNK_ROWS``.
+    ``hidden_size`` does not enter: the hidden input is held whole anyway, and the size of grad_weight (the
+    other large buffer) does not depend on the chunk.
     """
-    rows = math.ceil(n_tokens / max(1, math.ceil(vocab_size / hidden_size)))
-    return max(1, min(n_tokens, max(min_rows, 1 << max(0, rows - 1).bit_length())))
-
-
-def _chunk_row_loss(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    t: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-) -> torch.Tensor:
-    # (W @ h.T).T rather than h @ W.T (same numbers): autograd then hands each chunk's weight gradient over as a
-    # plain (V, H) tensor and sums the chunks in place; through W.T they arrive as transposed views and the first
-    # sum is out of place, a third (V, H) buffer at the peak.
-    logits = (weight @ h.T).T  # (c, V)
-    if bias is not None:
-        logits = logits + bias
-    return cross_entropy_torch(logits, t, ignore_index, "none", label_smoothing, z_loss)
+    bytes_per_row = vocab_size * (element_size + (4 if element_size < 4 and not triton else 0))
+    rows = max(1, CHUNK_LOGITS_BYTES // bytes_per_row)
+    rows = 1 << (rows.bit_length() - 1)  # a power of two, rounded down
+    return max(1, min(n_tokens, max(KERNEL_MIN_CHUNK_ROWS if triton else TWIN_MIN_CHUNK_ROWS, rows)))
 
 
 def fused_linear_cross_entropy_torch(
@@ -83,26 +79,28 @@ def fused_linear_cross_entropy_torch(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`fused_linear_cross_entropy`.
+    """Plain-PyTorch twin of :func:`fused_linear_cross_entropy`: the same chunk walk, with the loss and the
+    logits gradient of each chunk computed by PyTorch ops (``cross_entropy_rows_torch``) instead of Triton.
 
-    Chunked too, with each chunk's logits recomputed in backward (activation checkpointing), so the CPU
-    path is also lean in memory; the math is exactly ``cross_entropy_torch(hidden @ weight.T + bias)``.
+    Gradients are formed during forward, as on the Triton path: three matmuls per chunk, like the naive
+    ``cross_entropy(hidden @ weight.T + bias)``, and never a recomputation of the logits.
     """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    n = h.shape[0]
-    chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0])
-    track = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    losses = []
-    for start in range(0, n, chunk):
-        args = (h[start : start + chunk], weight, bias, t[start : start + chunk], ignore_index, label_smoothing, z_loss)
-        if track and n > chunk:
-            losses.append(checkpoint(_chunk_row_loss, *args, use_reentrant=False))
-        else:
-            losses.append(_chunk_row_loss(*args))
-    loss = torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)
-    return _reduce(loss.reshape(targets.shape), t != ignore_index, reduction)
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        torch.is_grad_enabled(),
+        False,
+    )
 
+
+_ROWS_TORCH, _ROWS_GRAD_TORCH = cross_entropy_rows_torch, cross_entropy_rows_grad_torch
 
 # Rows of grad_weight per half-precision product in _accumulate_mm: bounds its temporary to 4096 x H.
 _ACC_SLICE_ROWS = 4096
@@ -132,6 +130,7 @@ def _flce_walk(
     row_scale: torch.Tensor,
     need: tuple[bool, bool, bool],
     lse: torch.Tensor | None = None,
+    triton: bool = True,
 ) -> tuple[torch.Tensor | None, ...]:
     """Walk ``h`` (N, H) in chunks of rows; return ``(loss, lse, grad_h, grad_weight, grad_bias)``.
 
@@ -139,7 +138,8 @@ def _flce_walk(
     any of ``need = (hidden, weight, bias)`` is set, the gradients of ``sum_r row_scale[r] * loss_r``.
     Backward mode (``lse`` given, "none"): the same gradients from the saved lse; loss is None.
     ``row_scale`` is (N,), an expanded scalar (stride 0) for "mean"/"sum". Gradients are None where not needed;
-    grad_h is in the input dtype, grad_weight / grad_bias in fp32 (fp64 for fp64 inputs).
+    grad_h is in the input dtype, grad_weight / grad_bias in fp32 (fp64 for fp64 inputs). ``triton`` picks the
+    row kernels: Triton's, or their PyTorch twins (the CPU path); the walk itself is the same.
     """
     n, vocab = h.shape[0], weight.shape[0]
     need_h, need_w, need_b = need
@@ -147,9 +147,10 @@ def _flce_walk(
     acc = compute_dtype(weight)
     loss = None
     forward = lse is None
+    rows, rows_grad = (cross_entropy_rows, cross_entropy_rows_grad) if triton else (_ROWS_TORCH, _ROWS_GRAD_TORCH)
     if forward:
         loss = torch.empty(n, dtype=acc, device=h.device)  # fp32 (fp64 for fp64 inputs, as the twin)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32 if triton else acc, device=h.device)
     grad_h = torch.empty_like(h) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if need_b else None
@@ -161,11 +162,11 @@ def _flce_walk(
         if forward:
             loss_c, lse_c, scale_c = loss[start:end], lse[start:end], row_scale[start:end]
             grad_out = logits if with_grad else None  # in place: the gradient replaces this chunk's logits
-            cross_entropy_rows(logits, t_c, loss_c, lse_c, ignore_index, label_smoothing, z_loss, grad_out, scale_c)
+            rows(logits, t_c, loss_c, lse_c, ignore_index, label_smoothing, z_loss, grad_out, scale_c)
             del grad_out
         else:
             scale_c = row_scale[start:end]
-            cross_entropy_rows_grad(logits, t_c, lse[start:end], scale_c, logits, ignore_index, label_smoothing, z_loss)
+            rows_grad(logits, t_c, lse[start:end], scale_c, logits, ignore_index, label_smoothing, z_loss)
         # With gradients, logits now holds this chunk's dloss/dlogits, already scaled; (c, V)
         if need_h:
             torch.mm(logits, weight, out=grad_h[start:end])  # (c, H)
@@ -185,7 +186,7 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor | None, dtype: torch.d
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Triton fused LM head + cross-entropy (see the module docstring)."""
+    """Fused LM head + cross-entropy (see the module docstring); ``triton`` False runs the PyTorch row twins."""
 
     @staticmethod
     def forward(
@@ -200,25 +201,27 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         z_loss: float,
         chunk_size: int | None,
         grad_enabled: bool,
+        triton: bool = True,
     ) -> torch.Tensor:
         # Reshaping to rows is a view for the usual contiguous hidden state (a matmul operand either way).
         h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
         t = targets.reshape(-1)  # (N,)
         n = h.shape[0]
-        chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0], KERNEL_MIN_CHUNK_ROWS)
+        chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0], h.element_size(), triton)
         valid = t != ignore_index
         # needs_input_grad says what the inputs require even under no_grad, where nothing will call backward.
         need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
-        ctx.hidden_shape, ctx.args = hidden.shape, (ignore_index, reduction, label_smoothing, z_loss, chunk)
+        ctx.hidden_shape, ctx.args = hidden.shape, (ignore_index, reduction, label_smoothing, z_loss, chunk, triton)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        scale_dtype = torch.float32 if triton else compute_dtype(weight)  # the twin keeps fp64 exact
         if reduction == "mean":  # 1 / count on device: no host sync
-            row_scale = valid.sum().clamp(min=1).to(torch.float32).reciprocal().expand(n)
+            row_scale = valid.sum().clamp(min=1).to(scale_dtype).reciprocal().expand(n)
         else:
-            row_scale = t.new_ones((), dtype=torch.float32).expand(n)
+            row_scale = t.new_ones((), dtype=scale_dtype).expand(n)
         # "none" cannot form gradients yet (grad_output is per row and unknown): backward recomputes them.
         walk_need = (False, False, False) if reduction == "none" else need
         loss, lse, grad_h, grad_w, grad_b = _flce_walk(
-            h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, row_scale, walk_need
+            h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, row_scale, walk_need, triton=triton
         )
         if reduction == "none":
             ctx.save_for_backward(h, weight, bias, t, lse)
@@ -229,13 +232,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        ignore_index, reduction, label_smoothing, z_loss, chunk = ctx.args
+        ignore_index, reduction, label_smoothing, z_loss, chunk, triton = ctx.args
         weight_dtype, bias_dtype = ctx.dtypes
         if reduction == "none":
             h, weight, bias, t, lse = ctx.saved_tensors
             need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+            scale = grad_output.reshape(-1)
             _, _, grad_h, grad_w, grad_b = _flce_walk(
-                h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, grad_output.reshape(-1), need, lse
+                h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, scale, need, lse, triton
             )
             go = None
         else:
@@ -245,7 +249,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dh = None if grad_h is None else _scaled(grad_h, go, grad_h.dtype).view(ctx.hidden_shape)
         dw = None if grad_w is None else _scaled(grad_w, go, weight_dtype)
         db = None if grad_b is None else _scaled(grad_b, go, bias_dtype)
-        return dh, dw, None, db, None, None, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None, None, None
 
 
 def _check(
