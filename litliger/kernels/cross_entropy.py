@@ -87,23 +87,39 @@ def cross_entropy_rows_torch(
 ) -> None:
     """PyTorch twin of :func:`cross_entropy_rows` for (rows, V) ``logits``: write ``loss`` and ``lse`` (rows,)
     and, with ``grad`` (possibly ``logits`` itself), ``scale[r] * dloss/dx``. The fused linear cross-entropy's
-    CPU path walks its chunks with this, so both paths share one algorithm."""
+    CPU path walks its chunks with this, so both paths share one algorithm.
+
+    With ``grad`` the exponentials are computed once, in place: e = exp(x - max) gives both the lse
+    (max + log sum e) and the softmax (e / sum e), where logsumexp followed by exp(x - lse) would take two
+    passes of exp over the chunk.
+    """
     x = logits.to(loss.dtype)  # the compute dtype; a no-op (no copy) for fp32 / fp64 logits
     t = targets.reshape(-1)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < x.shape[-1])
     safe_t = torch.where(in_range, t, 0).long().unsqueeze(1)
-    m = torch.logsumexp(x, dim=-1)  # (rows,)
-    row = m - x.gather(1, safe_t).squeeze(1)
+    picked = x.gather(1, safe_t).squeeze(1)  # read before x may be overwritten by the gradient
+    mean = x.mean(dim=-1) if label_smoothing > 0.0 else None
+    if grad is None:
+        m = torch.logsumexp(x, dim=-1)  # (rows,)
+    else:
+        top = x.amax(dim=-1, keepdim=True)
+        work = _work_buffer(x, grad)
+        torch.sub(x, top, out=work)
+        work.exp_()
+        total = work.sum(dim=-1)
+        m = top.squeeze(1) + total.log()
+    row = m - picked
     if label_smoothing > 0.0:
-        row = (1.0 - label_smoothing) * row + label_smoothing * (m - x.mean(dim=-1))
+        row = (1.0 - label_smoothing) * row + label_smoothing * (m - mean)
     if z_loss > 0.0:
         row = row + z_loss * m.square()
     row = torch.where(valid, row, torch.zeros_like(row))
     loss.copy_(torch.where(valid & ~in_range, torch.full_like(row, float("nan")), row))
     lse.copy_(m)
     if grad is not None:
-        _ce_grad_torch(x, safe_t, valid & in_range, m, scale, label_smoothing, z_loss, grad)
+        work.mul_(total.reciprocal().unsqueeze(1))  # the softmax
+        _softmax_to_grad(work, safe_t, valid & in_range, m, scale, label_smoothing, z_loss, grad)
 
 
 def cross_entropy_rows_grad_torch(
@@ -124,6 +140,12 @@ def cross_entropy_rows_grad_torch(
     _ce_grad_torch(x, safe_t, (t != ignore_index) & in_range, lse, dloss, label_smoothing, z_loss, grad)
 
 
+def _work_buffer(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Where the gradient is formed: ``grad`` itself when it has the compute dtype, else ``x`` (a compute-dtype
+    copy of half-precision logits, or the logits themselves when ``grad`` is them)."""
+    return x if x.data_ptr() == grad.data_ptr() or x.dtype != grad.dtype else grad
+
+
 def _ce_grad_torch(
     x: torch.Tensor,
     safe_t: torch.Tensor,
@@ -134,18 +156,30 @@ def _ce_grad_torch(
     z_loss: float,
     grad: torch.Tensor,
 ) -> None:
-    """``grad = scale * (p (1 + 2 z lse) - e/V - (1 - e)[j == t])`` row by row, zero where not ``live``.
-
-    In place over ``x`` (which may be ``grad`` itself, or a compute-dtype copy of it): a few passes over the
-    chunk and no (rows, V) temporary, where autograd's log_softmax backward allocates several.
-    """
-    work = x if x.data_ptr() == grad.data_ptr() or x.dtype != grad.dtype else grad
+    """``grad = scale * (p (1 + 2 z lse) - e/V - (1 - e)[j == t])`` row by row from the saved lse, zero where not
+    ``live``; in place (``x`` may be ``grad`` itself)."""
+    work = _work_buffer(x, grad)
     torch.sub(x, lse.to(x.dtype).unsqueeze(1), out=work)
     work.exp_()
+    _softmax_to_grad(work, safe_t, live, lse, scale, label_smoothing, z_loss, grad)
+
+
+def _softmax_to_grad(
+    work: torch.Tensor,
+    safe_t: torch.Tensor,
+    live: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    grad: torch.Tensor,
+) -> None:
+    """Turn the softmax in ``work`` into the scaled loss gradient, in place, and leave it in ``grad``: a few
+    passes over the chunk and no (rows, V) temporary, where autograd's log_softmax backward allocates several."""
     if z_loss > 0.0:
-        work.mul_((1.0 + 2.0 * z_loss * lse).to(x.dtype).unsqueeze(1))
+        work.mul_((1.0 + 2.0 * z_loss * lse).to(work.dtype).unsqueeze(1))
     if label_smoothing > 0.0:
-        work.sub_(label_smoothing / x.shape[-1])
+        work.sub_(label_smoothing / work.shape[-1])
     work.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=work.dtype))
     work.mul_(scale.to(work.dtype).reshape(-1, 1))
     work.masked_fill_(~live.unsqueeze(1), 0.0)  # dead rows: their logits may be garbage (padding)
