@@ -165,3 +165,12 @@ def test_gpu_half_precision_against_fp32_twin(device, dtype, name, op, twin):
     tol = {"atol": 3e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 3e-3, "rtol": 2e-3}
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_swiglu_twin_backward_is_the_derivative():
+    """The twin keeps only gate and up for backward and differentiates by hand: check it numerically (fp64)."""
+    gen = torch.Generator().manual_seed(3)
+    gate = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_torch, (gate, up))
+    assert type(swiglu_torch(gate, up).grad_fn).__name__ == "_SwiGLUTwinBackward"

@@ -395,3 +395,13 @@ def test_bf16_against_fp32_twin_gpu(shape: tuple[int, ...]) -> None:
         ref_outs, _, ref_grads = _forward_backward(twin, args32, kwargs, [g.float() for g in grad_outs])
         for got, ref in zip(outs + grads, ref_outs + ref_grads, strict=True):
             assert _rel_err(got, ref) < 1e-2, (op.__name__, shape, _rel_err(got, ref))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_twin_backward_is_the_derivative(offset):
+    """The twin keeps x and rstd for backward and differentiates by hand: check it numerically (fp64)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm_torch(x, w, 1e-6, offset), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: add_rms_norm_torch(x, x.flip(-1), w, 1e-6, offset)[0], (x, w))

@@ -34,9 +34,37 @@ GELU_APPROXIMATIONS = ("tanh", "none")
 
 
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch twin of :func:`swiglu`."""
+    """Plain-PyTorch twin of :func:`swiglu`: ``silu(gate) * up`` in fp32 (fp64 for fp64 inputs).
+
+    A small autograd Function that keeps only ``gate`` and ``up`` for backward and recomputes the sigmoid
+    there (one cheap pass), where autograd through ``F.silu(gate) * up`` also keeps ``silu(gate)``: a third
+    (tokens x intermediate) tensor per MLP, the largest activation of a transformer block.
+    """
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUTwin.apply(gate, up)
     dt = compute_dtype(gate, up)
     return (F.silu(gate.to(dt)) * up.to(dt)).to(gate.dtype)
+
+
+class _SwiGLUTwin(torch.autograd.Function):
+    """``silu(g) * u``; backward ``du = dy silu(g)``, ``dg = dy u s (1 + g (1 - s))`` with ``s = sigmoid(g)``."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        dt = compute_dtype(gate, up)
+        return (F.silu(gate.to(dt)) * up.to(dt)).to(gate.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        dt = compute_dtype(gate, up)
+        g, u, d = gate.to(dt), up.to(dt), dy.to(dt)
+        s = torch.sigmoid(g)
+        d_up = (d * g * s).to(up.dtype)
+        dsilu = torch.sub(1.0, s).mul_(g).add_(1.0).mul_(s)  # d silu / dg = s (1 + g (1 - s))
+        return (dsilu.mul_(u).mul_(d)).to(gate.dtype), d_up
 
 
 def geglu_torch(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
