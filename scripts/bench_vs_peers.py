@@ -76,6 +76,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import hashlib
 import importlib
 import json
 import math
@@ -465,6 +466,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         "losses": losses,
         "optimizer": f"{type(optimizer).__name__} (foreach={foreach}, fused={bool(fused)})",
         "threads": torch.get_num_threads(),
+        "litliger_source": source_fingerprint(),
     }
 
 
@@ -507,6 +509,14 @@ def peer_status() -> dict[str, dict[str, Any]]:
         else:
             status[impl] = {"available": True, "version": version, "reason": None}
     return status
+
+
+def source_fingerprint() -> str:
+    """A short hash of litliger's Python sources as they are now (others may edit the checkout meanwhile)."""
+    digest = hashlib.sha1()
+    for path in sorted((REPO / "litliger").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def git_state() -> dict[str, Any]:
@@ -669,7 +679,7 @@ def main() -> None:
     modified = (
         f", uncommitted changes to {', '.join(m.split()[-1] for m in repo['modified'])}" if repo["modified"] else ""
     )
-    print(f"litliger checkout: {repo['commit']}{modified}")
+    print(f"litliger checkout: {repo['commit']}{modified} (sources {source_fingerprint()})")
     for impl in IMPLS:
         if impl in impls and not status[impl]["available"]:
             print(f"{LABELS[impl]}: {status[impl]['reason']}; skipped")
@@ -723,6 +733,14 @@ def main() -> None:
                 "profiles": profiles,
             }
     wall = time.perf_counter() - start
+    seen = sorted(
+        {r["litliger_source"] for v in results.values() for rs in v["runs"].values() for r in rs if "error" not in r}
+    )
+    if len(seen) > 1:
+        print(
+            f"\nWARNING: litliger's sources changed while the benchmark ran ({len(seen)} versions: {', '.join(seen)}; "
+            "litliger_source in each run of the JSON); rerun for numbers of one version"
+        )
 
     result = {
         "device": device,
@@ -733,6 +751,7 @@ def main() -> None:
         "memory_measure": memory,
         "optimizer": f"{args.optimizer}: AdamW lr {LR}, betas (0.9, 0.95), weight decay {WEIGHT_DECAY} on 2-D weights",
         "wall_s": wall,
+        "litliger_sources": seen,
         "unavailable": {LABELS[i]: status[i]["reason"] for i in IMPLS if not status[i]["available"]},
         "shapes": results,
     }
