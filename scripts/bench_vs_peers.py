@@ -60,7 +60,8 @@ vocab 65,536, 4 x 512), qwen-gqa (8 heads over 2 kv groups, qkv bias, rope base 
 vocab 16,384, 8 x 256), tied (tied embeddings, 4 layers, vocab 16,384, 8 x 256); all SwiGLU with intermediate
 768, RMSNorm, full rotary, no biases otherwise. llama-1b (GPU): ``Config.from_name("Llama-3.2-1B")`` (tied
 embeddings, llama3 rope scaling), seq 2048, micro batch 4; only when asked for. ``block_size`` is set to the
-sequence length so that no implementation builds rotary tables longer than it uses.
+sequence length (llama-1b keeps its own and litliger's and LitGPT's ``max_seq_length`` is set to it), so that
+no implementation holds rotary tables longer than it uses.
 
 Peers are not dependencies of litliger; install them into the environment by hand, e.g.
 ``pip install --no-deps litgpt psutil`` (LitGPT 0.5's pins clash with current huggingface-hub / jsonargparse)
@@ -123,7 +124,7 @@ class Shape:
     batch: int
     seq: int
     fields: dict[str, Any] = field(default_factory=dict)  # litliger Config fields
-    from_name: str | None = None  # or a registry config (with block_size overridden)
+    from_name: str | None = None  # or a registry config (with its own block_size)
     default: bool = True  # part of the default set
 
 
@@ -176,11 +177,11 @@ def _fix_mmap_threshold(nbytes: int = MIB) -> None:
 
 
 def shape_config(shape: Shape, seq: int, **overrides: Any) -> Any:
-    """The litliger Config of ``shape`` for sequences of ``seq`` tokens (block_size = seq)."""
+    """The litliger Config of ``shape`` for sequences of ``seq`` tokens (the small shapes: block_size = seq)."""
     from litliger.config import Config
 
-    if shape.from_name:
-        return Config.from_name(shape.from_name, block_size=seq, **overrides)
+    if shape.from_name:  # its own block_size; the models' rotary tables are cut to seq (build_model)
+        return Config.from_name(shape.from_name, **overrides)
     values = {"name": shape.name, "padded_vocab_size": shape.fields["vocab_size"], "block_size": seq}
     return Config(**{**values, **shape.fields, **overrides})
 
@@ -260,7 +261,7 @@ def _load(model: Any, weights: dict[str, Any], allowed_missing: set[str]) -> Non
         raise RuntimeError(f"weights do not map: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
 
 
-def build_model(impl: str, config: Any) -> tuple[Any, Callable[[Any, Any, Any], Any]]:
+def build_model(impl: str, config: Any, seq: int) -> tuple[Any, Callable[[Any, Any, Any], Any]]:
     """(model, loss(model, idx, targets)) for ``impl`` on the current default device, with the weights of
     :func:`litliger_weights` (LitGPT's parameter names are litliger's; transformers' come from litliger's
     Hugging Face converter)."""
@@ -271,7 +272,9 @@ def build_model(impl: str, config: Any) -> tuple[Any, Callable[[Any, Any, Any], 
         from litliger.model import GPT
 
         torch.manual_seed(0)
-        return GPT(config), lambda model, idx, targets: model(idx, targets=targets)
+        model = GPT(config)
+        model.max_seq_length = seq  # the rotary tables for seq positions
+        return model, lambda model, idx, targets: model(idx, targets=targets)
     if impl == "litgpt":
         from litgpt.model import GPT as LitGPT
         from litgpt.utils import chunked_cross_entropy
@@ -280,6 +283,7 @@ def build_model(impl: str, config: Any) -> tuple[Any, Callable[[Any, Any, Any], 
         if config.tie_embeddings:  # LitGPT has no switch for it
             model.lm_head.weight = model.transformer.wte.weight
         _load(model, litliger_weights(config), {"lm_head.weight"} if config.tie_embeddings else set())
+        model.max_seq_length = seq  # the rotary tables for seq positions
         return model, lambda model, idx, targets: chunked_cross_entropy(model(idx), targets)
     if impl == "hf":
         import transformers
@@ -342,7 +346,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def build(cfg: Any) -> tuple[Any, Callable[[Any, Any, Any], Any]]:
         with torch.device(device):
-            model, loss_fn = build_model(impl, cfg)
+            model, loss_fn = build_model(impl, cfg, seq)
         if args.precision == "bf16-true":
             model.to(torch.bfloat16)
         return model.train(), loss_fn
@@ -409,7 +413,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
                 step()
             if cuda:
                 torch.cuda.synchronize()
-        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort), reverse=True)[:15]
         top = [
             {
