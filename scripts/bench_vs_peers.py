@@ -44,7 +44,11 @@ cannot be imported is reported as "not installed" and skipped; a run that fails 
   optimizer are built (the peak statistics are reset there).
   ``model MiB``: the same measure (RSS, or CUDA allocated) from just before to just after building the model:
   weights plus buffers (LitGPT's rotary cos/sin tables, litliger's rotary tables).
-- ratios: litliger / peer for tokens/s (above 1: litliger faster) and for peak MiB (below 1: litliger lighter).
+- tok/cpu-s: the same over the process's CPU time of each step (``time.process_time``, all its threads), median.
+  On a shared machine a step's wall time includes the time the process waited for a core; its CPU time does not,
+  so this column is the steadier one there (with several threads it also counts OpenMP spin-waiting).
+- ratios: litliger / peer for tokens/s and tok/cpu-s (above 1: litliger faster) and for peak MiB (below 1:
+  litliger lighter).
 - MFU (GPUs with a known peak): tokens/s * ``litliger.config.flops_per_token`` (the same for all three) / peak.
 
 ``--profile`` (optionally a comma list of implementations; default litliger) runs, after the timed runs of a
@@ -427,16 +431,17 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"impl": impl, "sort_by": sort, "table": prof.key_averages().table(sort_by=sort, row_limit=15),
                 "top": top, "steps": args.profile_steps}  # fmt: skip
 
-    seconds, losses = [], []
+    seconds, cpu_seconds, losses = [], [], []
     for i in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step())  # float(): the step's work is done when it returns
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
 
     if cuda:
         peak_mib, exact = (torch.cuda.max_memory_allocated() - base) / MIB, True
@@ -463,6 +468,8 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_sec": tokens_per_sec,
         "tokens_per_sec_steps": per_step,
         "seconds_steps": seconds,
+        "cpu_seconds_steps": cpu_seconds,
+        "tokens_per_cpu_sec": statistics.median(tokens / s for s in cpu_seconds),
         "mfu": tokens_per_sec * flops / peak_device if peak_device else None,
         "model_mib": model_mib,
         "peak_mib": peak_mib,
@@ -544,7 +551,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {"impl": runs[0]["impl"], "error": runs[0]["error"]}
     row: dict[str, Any] = {"impl": ok[0]["impl"], "params": ok[0]["params"], "runs": len(ok)}
-    for key in ("tokens_per_sec", "peak_mib", "model_mib"):
+    for key in ("tokens_per_sec", "tokens_per_cpu_sec", "peak_mib", "model_mib"):
         row[key] = statistics.median(r[key] for r in ok)
     row["peak_exact"] = all(r["peak_exact"] for r in ok)
     mfus = [r["mfu"] for r in ok if r["mfu"] is not None]
@@ -569,8 +576,8 @@ def print_table(rows: dict[str, dict[str, Any]], status: dict[str, dict[str, Any
     lit = rows.get("litliger")
     lit_ok = lit is not None and "error" not in lit
     print(
-        f"  {'impl':13s} {'params (M)':>10s} {'tokens/s':>10s} {'MFU':>6s} {'model MiB':>10s} {'peak MiB':>9s} "
-        f"{'lit/impl tok/s':>15s} {'lit/impl mem':>13s}  (peak: {memory})"
+        f"  {'impl':13s} {'params (M)':>10s} {'tokens/s':>9s} {'tok/cpu-s':>9s} {'MFU':>6s} {'model MiB':>10s} "
+        f"{'peak MiB':>9s} {'lit/impl tok/s':>15s} {'tok/cpu-s':>9s} {'mem':>5s}  (peak: {memory})"
     )
     ratios: dict[str, Any] = {}
     for impl in IMPLS:
@@ -584,14 +591,16 @@ def print_table(rows: dict[str, dict[str, Any]], status: dict[str, dict[str, Any
             print(f"  {label:13s} failed: {r['error'][:200]}")
             continue
         tok = ratio(lit["tokens_per_sec"], r["tokens_per_sec"]) if lit_ok else None
+        tok_cpu = ratio(lit["tokens_per_cpu_sec"], r["tokens_per_cpu_sec"]) if lit_ok else None
         mem = ratio(lit["peak_mib"], r["peak_mib"]) if lit_ok else None
         if impl != "litliger":
-            ratios[impl] = {"tokens_per_sec": tok, "peak_mib": mem}
+            ratios[impl] = {"tokens_per_sec": tok, "tokens_per_cpu_sec": tok_cpu, "peak_mib": mem}
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         flag = "" if r["peak_exact"] else "  (peak: upper bound)"
         print(
-            f"  {label:13s} {r['params'] / 1e6:10.2f} {r['tokens_per_sec']:10.0f} {mfu:>6s} {r['model_mib']:10.1f} "
-            f"{r['peak_mib']:9.1f} {fmt(tok):>15s} {fmt(mem):>13s}{flag}"
+            f"  {label:13s} {r['params'] / 1e6:10.2f} {r['tokens_per_sec']:9.0f} {r['tokens_per_cpu_sec']:9.0f} "
+            f"{mfu:>6s} {r['model_mib']:10.1f} {r['peak_mib']:9.1f} {fmt(tok):>15s} {fmt(tok_cpu):>9s} "
+            f"{fmt(mem):>5s}{flag}"
         )
     done = {impl: r for impl, r in rows.items() if "error" not in r}
     if done:
