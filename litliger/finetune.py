@@ -28,12 +28,10 @@ from .engine import (
     EvalArgs,
     FitSetup,
     OptimizerArgs,
-    Progress,
     TrainArgs,
     build_optimizer,
     check_resumable,
     fit,
-    load_training_state,
     make_fabric,
     make_loggers,
     resolve_resume,
@@ -44,7 +42,7 @@ from .engine import (
 from .engine.args import check_positive
 from .generate import SampleArgs
 from .lora import LoRAArgs
-from .recipe import data_loaders, print_response
+from .recipe import data_loaders, print_response, restore_progress
 
 PRETRAIN_HINT = "run the README's pretrain command first (litliger pretrain --config config_hub/pretrain/debug.yaml)"
 
@@ -219,12 +217,7 @@ def main(
 
         model = setup_model(fabric, build, seed=seed, resuming=resume_dir is not None, load=load)
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
-        progress, loader_state = Progress(), None
-        if resume_dir is not None:
-            restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
-            progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
-            loader_state = restored["dataloader"]
-            fabric.print(f"resumed from {resume_dir} at step {progress.step}")
+        progress, loader_state = restore_progress(fabric, resume_dir, model=model, optimizer=optimizer)
 
         train_loader, val_loader = data_loaders(
             fabric, data, tokenizer, batch_size=train.micro_batch_size, seq_len=seq_len, loader_state=loader_state

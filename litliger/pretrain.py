@@ -17,12 +17,10 @@ from .engine import (
     EvalArgs,
     FitSetup,
     OptimizerArgs,
-    Progress,
     TrainArgs,
     build_optimizer,
     check_resumable,
     fit,
-    load_training_state,
     make_fabric,
     make_loggers,
     resolve_resume,
@@ -32,7 +30,7 @@ from .engine import (
 )
 from .generate import SampleArgs
 from .model import GPT
-from .recipe import data_loaders, print_sample, resolve_tokenizer
+from .recipe import data_loaders, print_sample, resolve_tokenizer, restore_progress
 
 
 def setup(
@@ -157,13 +155,7 @@ def main(
             load=(lambda m: load_model_weights(m, load_from)) if load_from is not None else None,
         )
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
-        progress = Progress()
-        loader_state = None
-        if resume_dir is not None:
-            restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
-            progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
-            loader_state = restored["dataloader"]
-            fabric.print(f"resumed from {resume_dir} at step {progress.step}")
+        progress, loader_state = restore_progress(fabric, resume_dir, model=model, optimizer=optimizer)
 
         train_loader = val_loader = None
         if progress.step < total or (resume_dir is not None and resume_dir.name != "final"):

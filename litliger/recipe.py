@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
 from .config import Config
 from .data import DataModule, PromptStyle, Tokenizer
-from .engine import reshard
+from .engine import Progress, load_training_state, reshard
 from .generate import SampleArgs, complete, respond
 
 
@@ -37,6 +38,19 @@ def resolve_tokenizer(
             f"{config.padded_vocab_size} embedding rows; use a model config with vocab_size >= {tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def restore_progress(
+    fabric: L.Fabric, resume_dir: Path | None, *, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Progress, dict[str, Any] | None]:
+    """The counters and the data position to continue from (a fresh run: zero and None); restores the
+    optimizer and this rank's RNG from ``resume_dir``."""
+    if resume_dir is None:
+        return Progress(), None
+    restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
+    progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
+    fabric.print(f"resumed from {resume_dir} at step {progress.step}")
+    return progress, restored["dataloader"]
 
 
 def data_loaders(
