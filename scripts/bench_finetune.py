@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -65,31 +63,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from process_memory import MIB, fix_mmap_threshold, max_rss_bytes, rss_bytes, trim_heap  # noqa: E402
+
 METHODS = ("lora", "full")
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _trim_heap() -> None:
-    """glibc: give freed heap pages back to the system, so RSS is live memory (not the warm-up's leftovers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _fix_mmap_threshold(nbytes: int = MIB) -> None:
-    """glibc: map every allocation above ``nbytes`` on its own and unmap it on free, so RSS tracks live
-    memory (by default the threshold grows to 32 MiB and freed blocks stay in the heap)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its default policy
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3: M_MMAP_THRESHOLD
 
 
 # --- one run (in its own subprocess) -------------------------------------------------------------------
@@ -98,7 +77,7 @@ def _fix_mmap_threshold(nbytes: int = MIB) -> None:
 def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build, train ``args.warmup + args.steps`` steps of ``method`` and measure; the worker's whole job."""
     if args.device == "cpu":
-        _fix_mmap_threshold()
+        fix_mmap_threshold()
     import torch
 
     from litliger.adapter import build_finetune_model
@@ -153,16 +132,16 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
         del warm, warm_optimizer
 
     gc.collect()
-    _trim_heap()
+    trim_heap()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base, high_water_before = _rss_bytes(), _max_rss_bytes()
+        base, high_water_before = rss_bytes(), max_rss_bytes()
 
     def held_mib() -> float:
-        return ((torch.cuda.memory_allocated() if cuda else _rss_bytes()) - base) / MIB
+        return ((torch.cuda.memory_allocated() if cuda else rss_bytes()) - base) / MIB
 
     model, trainable = build(config)
     model.train()
@@ -213,7 +192,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         peak_mib, exact = (torch.cuda.max_memory_allocated() - base) / MIB, True
     else:
-        peak = _max_rss_bytes()
+        peak = max_rss_bytes()
         peak_mib, exact = (peak - base) / MIB, peak > high_water_before
     tokens = args.micro_batch * args.seq
     per_step = [tokens / s for s in seconds]

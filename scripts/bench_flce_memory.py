@@ -3,7 +3,7 @@
 
 CPU (default): every variant runs in its own fresh subprocess, and its peak is the process's peak RSS
 (``ru_maxrss``) minus its RSS just before the loss call (``/proc/self/statm``), with the inputs already allocated
-(and glibc's mmap threshold fixed so that freed tensors leave RSS, see ``_fix_mmap_threshold``).
+(and glibc's mmap threshold fixed so that freed tensors leave RSS, see ``process_memory.fix_mmap_threshold``).
 The fused variant runs the default backend ("auto": the chunked twin on CPU) and, with ``--include-interpreter``,
 the Triton kernels through the interpreter too (TRITON_INTERPRET=1 is set for that subprocess; slow).
 CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus what was allocated before the call, for vocab
@@ -17,8 +17,6 @@ Other benchmarks can import :func:`peak_memory_mib` to measure their own callabl
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import multiprocessing
@@ -36,31 +34,17 @@ import torch
 
 # Run from a checkout without installing: the repo root on the path (spawned subprocesses inherit sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _fix_mmap_threshold(nbytes: int = MIB) -> None:
-    """Make glibc map every allocation above ``nbytes`` on its own and unmap it on free.
-
-    By default glibc raises its mmap threshold (up to 32 MiB) after a big block is freed and then serves blocks
-    of that size from a heap it rarely gives back, so RSS keeps counting tensors that were freed long ago (the
-    chunked variant's 16 MiB chunks read as +400 MiB). A fixed threshold keeps RSS on live memory.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: measure with its default policy
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3: M_MMAP_THRESHOLD
+from process_memory import MIB, fix_mmap_threshold, rss_bytes  # noqa: E402
 
 
 def _measure_rss(setup: Callable[..., Any], run: Callable[[Any], None], args: tuple, env: dict[str, str]) -> dict:
     os.environ.update(env)  # before ``setup`` imports anything that reads it (e.g. TRITON_INTERPRET)
-    _fix_mmap_threshold()
+    fix_mmap_threshold()
     inputs = setup(*args)
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     high_water_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     start = time.perf_counter()
     run(inputs)

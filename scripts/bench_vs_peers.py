@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import hashlib
 import importlib
@@ -87,7 +86,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -102,7 +100,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from process_memory import MIB, fix_mmap_threshold, max_rss_bytes, rss_bytes, trim_heap  # noqa: E402
+
 IMPLS = ("litliger", "litgpt", "hf")
 LABELS = {"litliger": "litliger", "litgpt": "LitGPT", "hf": "transformers"}
 PEER_MODULES = {"litgpt": ("litgpt", "litgpt.model", "litgpt.utils"), "hf": ("transformers",)}
@@ -156,28 +157,6 @@ SHAPES = {
         Shape("llama-1b", 4, 2048, from_name="Llama-3.2-1B", default=False),
     )
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _trim_heap() -> None:
-    """glibc: give freed heap pages back to the system, so RSS is live memory (not the warm-up's leftovers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _fix_mmap_threshold(nbytes: int = MIB) -> None:
-    """glibc: map every allocation above ``nbytes`` on its own and unmap it on free, so RSS tracks live
-    memory (by default the threshold grows to 32 MiB and freed blocks stay in the heap)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its default policy
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3: M_MMAP_THRESHOLD
 
 
 def shape_config(shape: Shape, seq: int, **overrides: Any) -> Any:
@@ -322,7 +301,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build ``impl`` for ``args.shape``, train ``args.warmup + args.steps`` steps and measure (or profile)."""
     cpu = args.device == "cpu"
     if cpu:
-        _fix_mmap_threshold()
+        fix_mmap_threshold()
     import torch
 
     from litliger.config import flops_per_token
@@ -385,8 +364,8 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
-        _trim_heap()
-        return _rss_bytes()
+        trim_heap()
+        return rss_bytes()
 
     before_model = held()
     model, loss_fn = build(config)
@@ -396,7 +375,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     base = held()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    high_water_before = 0 if cuda else _max_rss_bytes()
+    high_water_before = 0 if cuda else max_rss_bytes()
 
     def step() -> float:
         with autocast():
@@ -446,7 +425,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         peak_mib, exact = (torch.cuda.max_memory_allocated() - base) / MIB, True
     else:
-        peak = _max_rss_bytes()
+        peak = max_rss_bytes()
         peak_mib, exact = (peak - base) / MIB, peak > high_water_before
     tokens = batch * seq
     per_step = [tokens / s for s in seconds]
