@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_config_files(argv)
         CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)
+        close_process_group()
     except RunInterrupted as e:
         # a signal before there was training progress to save (after it, the run saves and returns normally)
         print(f"litliger: {e}", file=sys.stderr)
@@ -86,6 +87,20 @@ def main(argv: list[str] | None = None) -> None:
         if debug or not (isinstance(e, errors) or type(e) is Exception):
             raise
         _fail(error_line(e), USER_ERROR_EXIT)
+
+
+def close_process_group() -> None:
+    """Destroy the process group of a finished distributed run while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the objects they reference and the
+    process aborts ("terminate called without an active exception", exit -6) after a run that succeeded.
+    Only on the success path: after an error a peer may still wait in a collective, and a clean exit
+    matters less than not hanging there.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _fail(line: str, code: int) -> NoReturn:
