@@ -1,14 +1,29 @@
-"""Sampling text from a model (no KV cache: the context is re-encoded every token)."""
+"""Sampling text from a model: the decoding loop over the KV cache, and ``litliger generate``.
+
+``generate`` / ``generate_tokens`` create a KV cache for the prompt and its continuation, prefill the prompt
+in one forward, then feed one token per step (``GPT.forward(..., input_pos=n)``), and free the cache. A
+batch of prompts of different lengths is left-padded with an attention mask; padding never changes a
+row's tokens. ``kv_cache=False`` re-encodes the context every token (the reference, and the benchmark's
+baseline). ``stream`` is the loop itself on a cache the caller holds (``litliger chat`` keeps one open).
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .engine.args import check_at_least, check_between, check_positive
+from .engine.runtime import unwrap
+
+Precision = Literal["32-true", "bf16-true", "16-true"]
+_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
 def check_sampling(
@@ -16,7 +31,8 @@ def check_sampling(
 ) -> None:
     """Refuse sampling settings that cannot work, naming the flag (``prefix`` is e.g. ``"sample."``).
 
-    Shared by ``litliger generate`` and pretrain's end-of-run sample, so both check before any work.
+    Shared by ``litliger generate``, ``litliger chat`` and pretrain's end-of-run sample, so all check
+    before any work.
     """
     check_at_least(f"{prefix}max_new_tokens", max_new_tokens, 0, "set how many tokens to generate")
     check_at_least(f"{prefix}temperature", temperature, 0, "use 0 for greedy decoding")
@@ -38,60 +54,248 @@ class SampleArgs:
         check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, prefix="sample.")
 
 
+# --- sampling ---------------------------------------------------------------------------------------------
+
+
+def next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of ``logits`` (B, V): argmax at ``temperature=0``, else sampled from the
+    ``top_k`` most likely tokens, then from the most likely ones up to and including the first whose
+    cumulative probability reaches ``top_p``."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = _top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # sampled on the CPU with a CPU generator: the same seed gives the same tokens on every device and rank
+    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the nucleus: sorted by probability, a token is kept while the
+    probability of the tokens before it is still below ``top_p`` (so the most likely one always stays)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# --- the decoding loop ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def stream(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    input_pos: int | None = 0,
+    left_pad: torch.Tensor | None = None,
+    max_seq_length: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield up to ``max_new_tokens`` next tokens (B,) after ``idx`` (B, T), one per step.
+
+    Cached (``input_pos`` an int): ``idx`` goes to the caller's KV cache at slots input_pos.. in one forward,
+    then each new token at the next slot; the last token yielded is not fed (slots needed: T +
+    max_new_tokens - 1). Uncached (``input_pos=None``): the last ``max_seq_length`` tokens of the context are
+    re-encoded every step. A row that produced one of ``stop_ids`` yields ``pad_id`` from then on; the loop
+    ends when every row has stopped. Logits beyond ``vocab_size`` (embedding padding) are never sampled.
+    """
+    B = idx.shape[0]
+    stops = torch.tensor(sorted(set(stop_ids)), device=idx.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    x, context, pos = idx, idx, input_pos
+    for _ in range(max_new_tokens):
+        if input_pos is None:
+            logits = model(context if max_seq_length is None else context[:, -max_seq_length:])[:, -1]
+        else:
+            logits = model(x, input_pos=pos, left_pad=left_pad)[:, -1]  # (B, padded_vocab)
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]
+        token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if stops.numel():
+            token = torch.where(done, pad_id, token)
+            done |= torch.isin(token, stops)
+        yield token
+        if stops.numel() and bool(done.all()):
+            return
+        if input_pos is None:
+            context = torch.cat((context, token.view(B, 1)), dim=1)
+        else:
+            pos += x.shape[1]
+            x = token.view(B, 1)
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Padding slots per row (B,) of a left-padded ``attention_mask`` (B, T): 0s, then 1s, at least one 1."""
+    mask = attention_mask.bool()
+    pad = (~mask).sum(dim=1)
+    real = torch.arange(mask.shape[1], device=mask.device)[None, :] >= pad[:, None]
+    if not torch.equal(mask, real) or bool((pad == mask.shape[1]).any()):
+        raise ValueError(
+            "attention_mask must left-pad every row (0s, then 1s) and keep at least one token per row; "
+            "use left_pad_prompts to batch prompts of different lengths"
+        )
+    return pad
+
+
+def left_pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as ``(idx, attention_mask)`` (B, T_max), padded on the left."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return idx, mask
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    max_seq_length: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    stop_ids: Iterable[int] = (),
+    pad_id: int | None = None,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    kv_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """:func:`generate`, streamed: the new tokens (B,) of each step as they are sampled."""
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate needs prompts of shape (batch, T) with T >= 1, got {tuple(idx.shape)}")
+    B, T = idx.shape
+    stops = {*stop_ids, *([eos_id] if eos_id is not None else [])}
+    pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else min(stops, default=0))
+    left_pad = left_padding(attention_mask.to(idx.device)) if attention_mask is not None else None
+    gpt = unwrap(model)
+    cached = kv_cache and hasattr(gpt, "set_kv_cache")
+    if not cached:
+        if left_pad is not None and bool(left_pad.any()):
+            raise ValueError("left-padded prompts need the KV cache (kv_cache=True and a GPT model)")
+        yield from stream(model, idx, max_new_tokens, input_pos=None, max_seq_length=max_seq_length,
+                          temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=pad_id,
+                          vocab_size=vocab_size, generator=generator)  # fmt: skip
+        return
+    limit = min(max_seq_length or gpt.config.block_size, gpt.config.block_size)
+    if T > limit:
+        raise ValueError(f"the prompt has {T} tokens, more than the KV cache's max_seq_length={limit}")
+    max_new_tokens = min(max_new_tokens, limit - T + 1)  # the last token is sampled, never stored
+    if max_new_tokens <= 0:
+        return
+    gpt.set_kv_cache(B, T + max_new_tokens - 1, device=idx.device)
+    try:
+        yield from stream(model, idx, max_new_tokens, input_pos=0, left_pad=left_pad, temperature=temperature,
+                          top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=pad_id, vocab_size=vocab_size,
+                          generator=generator)  # fmt: skip
+    finally:
+        gpt.clear_kv_cache()
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
-    max_seq_length: int,
+    max_seq_length: int | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float = 1.0,
     eos_id: int | None = None,
+    stop_ids: Iterable[int] = (),
+    pad_id: int | None = None,
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    kv_cache: bool = True,
 ) -> torch.Tensor:
-    """Extend ``idx`` (1, T) by up to ``max_new_tokens`` sampled tokens; stops early at ``eos_id``.
+    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens: (B, T + new).
 
-    ``temperature=0`` is greedy. ``top_k`` keeps the k most likely tokens, then ``top_p`` the most likely
-    ones up to and including the first whose cumulative probability reaches ``top_p``. Logits beyond
-    ``vocab_size`` (embedding padding) are never sampled. Every rank of a sharded model must call this
-    with the same inputs and an identically seeded ``generator``.
+    ``temperature=0`` is greedy; ``top_k`` / ``top_p`` as in :func:`next_token`. A row stops at ``eos_id``
+    or any of ``stop_ids`` (included in the output) and is then filled with ``pad_id`` (default ``eos_id``)
+    until every row has stopped. Prompts of different lengths come left-padded with ``attention_mask``
+    (B, T) of 0 for padding (:func:`left_pad_prompts`). With the KV cache (a GPT model, ``kv_cache=True``)
+    the cache holds ``max_seq_length`` slots at most (default the model's): a longer prompt is refused
+    and generation ends when the cache is full. Without it the last ``max_seq_length`` tokens are
+    re-encoded every step. Every rank of a sharded model must call this with the same inputs and an
+    identically seeded ``generator``.
     """
-    if idx.dim() != 2 or idx.shape[0] != 1:
-        raise ValueError(f"generate expects one prompt of shape (1, T), got {tuple(idx.shape)}")
-    if idx.shape[1] == 0:
-        raise ValueError("generate needs a prompt of at least one token")
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -max_seq_length:])[0, -1].float()  # (padded_vocab,)
-        if vocab_size is not None:
-            logits = logits[:vocab_size]
-        if temperature == 0:
-            token = logits.argmax().view(1)
-        else:
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p < 1.0:
-                logits = _top_p_filter(logits, top_p)
-            probs = torch.softmax(logits, dim=-1)
-            token = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-        idx = torch.cat((idx, token.view(1, 1)), dim=1)
-        if eos_id is not None and token.item() == eos_id:
-            break
-    return idx
+    tokens = list(
+        generate_tokens(
+            model,
+            idx,
+            max_new_tokens,
+            max_seq_length=max_seq_length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+            vocab_size=vocab_size,
+            generator=generator,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache,
+        )
+    )
+    if not tokens:
+        return idx
+    return torch.cat((idx, torch.stack(tokens, dim=1).to(idx.device)), dim=1)
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the nucleus: sorted by probability, a token is kept while the
-    probability of the tokens before it is still below ``top_p`` (so the most likely one always stays)."""
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
-    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, before >= top_p)
-    return logits.masked_fill(drop, float("-inf"))
+# --- text in, text out ------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Decodes a growing list of token ids into the text to print next (never half a UTF-8 character)."""
+
+    def __init__(self, tokenizer, skip: Iterable[int] = ()) -> None:
+        self.tokenizer, self.skip = tokenizer, set(skip)
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def add(self, token: int) -> str:
+        if token not in self.skip:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return ""  # a multi-byte character is still incomplete
+        new, self.printed = text[len(self.printed) :], text
+        return new
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``prompt``'s ids with BOS as the tokenizer adds it; an empty prompt starts from BOS (else EOS)."""
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    return tokenizer.encode(prompt, bos=True) or [start]
 
 
 def complete(
@@ -109,9 +313,10 @@ def complete(
 ) -> str:
     """``prompt`` followed by a sampled continuation (special tokens such as a BOS are not shown).
 
-    The sampler is seeded with ``seed`` on every rank, so a sharded model samples in lockstep.
+    A prompt longer than ``max_seq_length - 1`` tokens is cut to its end. The sampler is seeded with
+    ``seed`` on every rank, so a sharded model samples in lockstep.
     """
-    ids = tokenizer.encode(prompt, bos=True) or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    ids = prompt_ids(tokenizer, prompt)[-max_seq_length + 1 :]
     out = generate(
         model,
         torch.tensor([ids], device=device),
@@ -125,6 +330,13 @@ def complete(
         generator=torch.Generator().manual_seed(seed),
     )
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+def stop_ids(tokenizer, style) -> list[int]:
+    """The ids that end an answer: EOS and the style's end-of-turn token (e.g. ``<|im_end|>``) if it is one."""
+    stop = style.stop_text() if style is not None else None
+    stop_id = tokenizer.backend.token_to_id(stop) if stop else None
+    return [tokenizer.eos_id] + ([stop_id] if stop_id is not None and stop_id != tokenizer.eos_id else [])
 
 
 def respond(
@@ -144,21 +356,76 @@ def respond(
     """The assistant's answer to ``messages`` (a conversation ending with a user turn), formatted by the
     finetune's prompt style (``litliger.data.PromptStyle``) and ended by EOS or the style's end-of-turn."""
     ids = style.encode_prompt(tokenizer, messages)[-max_seq_length + 1 :]
-    stop = style.stop_text()
-    stop_id = tokenizer.backend.token_to_id(stop) if stop else None
+    stops = stop_ids(tokenizer, style)
     out = generate(
         model,
         torch.tensor([ids], device=device),
-        min(max_new_tokens, max_seq_length - len(ids)),
+        max_new_tokens,
         max_seq_length=max_seq_length,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_id=stop_id if stop_id is not None else tokenizer.eos_id,
+        stop_ids=stops,
         vocab_size=tokenizer.vocab_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    return tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in (tokenizer.eos_id, stop_id)])
+    return tokenizer.decode([t for t in out[0, len(ids) :].tolist() if t not in stops])
+
+
+# --- loading a checkpoint for inference (generate, chat, evaluate) ----------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; a device that is not there is a one-line error."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device, in --device; use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is available, in --device; use --device cpu")
+    return device
+
+
+def precision_dtype(precision: Precision | None, device: str) -> torch.dtype:
+    """The weights' (and the KV cache's) dtype: default bf16 on a GPU that supports it, else fp32."""
+    if precision is None:
+        bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16-true" if bf16 else "32-true"
+    return _DTYPES[precision]
+
+
+def read_tokenizer(checkpoint_dir: Path):
+    """The checkpoint's tokenizer; a folder without one is a one-line error that names it."""
+    from .data import Tokenizer
+
+    if not (Path(checkpoint_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"No tokenizer.json in {checkpoint_dir}: the checkpoint has no tokenizer, in CHECKPOINT_DIR; copy "
+            "tokenizer.json (and tokenizer_config.json) of the model it came from into the folder"
+        )
+    return Tokenizer.from_dir(checkpoint_dir)
+
+
+def load_for_inference(checkpoint_dir: Path, device: str, precision: Precision | None):
+    """(model in eval mode, tokenizer, device) of a checkpoint folder or a finetuning step folder."""
+    from .model import GPT
+
+    device = resolve_device(device)
+    tokenizer = read_tokenizer(checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=precision_dtype(precision, device)).eval()
+    return model, tokenizer, device
+
+
+def recorded_prompt_style(checkpoint_dir: Path):
+    """The prompt style a finetuned checkpoint was trained with, or None (not a finetune, or none recorded)."""
+    from .checkpoint import FINETUNE_FILE, read_finetune_meta
+    from .data import PromptStyle
+
+    if not (Path(checkpoint_dir) / FINETUNE_FILE).is_file():
+        return None
+    recorded = read_finetune_meta(checkpoint_dir).get("prompt_style")
+    return PromptStyle.from_dict(recorded) if recorded else None
 
 
 def main(
@@ -169,75 +436,60 @@ def main(
     top_k: int | None = 50,
     top_p: float = 1.0,
     seed: int = 1234,
+    precision: Precision | None = None,
     device: str = "auto",
     raw: bool = False,
 ) -> str:
-    """``litliger generate``: sample a continuation of ``prompt`` from a litliger checkpoint folder.
+    """``litliger generate``: stream a continuation of ``prompt`` from a litliger checkpoint folder, then one
+    line on stderr: prompt tokens, new tokens, time to first token, decode tokens/s.
 
     Args:
         checkpoint_dir: a checkpoint folder with model.safetensors, model_config.yaml and tokenizer.json,
             or a finetuning step folder (base + trainable.safetensors).
-        prompt: the text to continue (an empty prompt starts from the tokenizer's BOS/EOS token). For a
-            finetuned checkpoint (finetune.yaml) it is the user's turn, formatted by the prompt style the
-            finetune trained with, and the answer is printed.
+        prompt: the text to continue. For a finetuned checkpoint (finetune.yaml) it is the user's turn,
+            formatted by the prompt style the finetune trained with, and the answer is printed.
         raw: continue ``prompt`` as plain text even when the checkpoint records a prompt style.
         temperature: 0 for greedy decoding.
         top_k: sample from the k most likely tokens only (null: all).
         top_p: then from the most likely tokens that together hold this probability (1.0: all).
+        seed: seeds the sampler.
+        precision: the weights' dtype (default bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
-    from .data import Tokenizer
-    from .model import GPT
-
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device, in --device; use auto, cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is available, in --device; use --device cpu")
-    tokenizer = Tokenizer.from_dir(checkpoint_dir)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-    style = None if raw else _recorded_prompt_style(checkpoint_dir)
+    if not prompt:
+        raise ValueError("the prompt is empty, in --prompt; give the text to continue (or the instruction)")
+    model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
+    style = None if raw else recorded_prompt_style(checkpoint_dir)
     if style is not None:
-        text = respond(
-            model,
-            tokenizer,
-            style,
-            [{"role": "user", "content": prompt}],
-            max_new_tokens,
-            max_seq_length=model.max_seq_length,
-            device=device,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+        ids = style.encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        ids = prompt_ids(tokenizer, prompt)
+    if len(ids) > model.max_seq_length:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens, longer than the model's max_seq_length={model.max_seq_length}, "
+            "in --prompt; shorten it"
         )
-        print(text)
-        return text
-    text = complete(
-        model,
-        tokenizer,
-        prompt,
-        max_new_tokens,
-        max_seq_length=model.max_seq_length,
-        device=device,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
+    stops = stop_ids(tokenizer, style)
+    shown = TextStream(tokenizer, skip=stops)
+    text = "" if style is not None else prompt
+    print(text, end="", flush=True)
+    start = time.perf_counter()
+    first = now = start
+    n = 0
+    for token in generate_tokens(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, stop_ids=stops, vocab_size=tokenizer.vocab_size,
+                                 generator=torch.Generator().manual_seed(seed)):  # fmt: skip
+        n += 1
+        now = time.perf_counter()
+        if n == 1:
+            first = now
+        print(shown.add(int(token)), end="", flush=True)
+    print(flush=True)
+    rate = f"{(n - 1) / (now - first):.1f}" if n > 1 and now > first else "n/a"
+    print(
+        f"prompt tokens: {len(ids)} | new tokens: {n} | time to first token: {first - start:.3f} s | "
+        f"decode: {rate} tokens/s",
+        file=sys.stderr,
     )
-    print(text)
-    return text
-
-
-def _recorded_prompt_style(checkpoint_dir: Path):
-    """The prompt style a finetuned checkpoint was trained with, or None (not a finetune, or none recorded)."""
-    from .checkpoint import FINETUNE_FILE, read_finetune_meta
-    from .data import PromptStyle
-
-    if not (Path(checkpoint_dir) / FINETUNE_FILE).is_file():
-        return None
-    recorded = read_finetune_meta(checkpoint_dir).get("prompt_style")
-    return PromptStyle.from_dict(recorded) if recorded else None
+    return text + shown.text

@@ -17,6 +17,7 @@ from torch import nn
 from . import init
 from .config import Config
 from .kernels import fused_linear_cross_entropy
+from .kv_cache import CachedStep, KVCache, cached_step
 from .nn import Embedding, GeGLUMLP, GeluMLP, LayerNorm, Linear, RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 
@@ -50,8 +51,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(c.head_size, c.norm_eps, c.norm_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.kv_cache: KVCache | None = None  # set for decoding by GPT.set_kv_cache
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: CachedStep | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split((self.n_head * hs, self.n_kv * hs, self.n_kv * hs), dim=-1)
@@ -61,10 +63,17 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
-        if rope is not None and self.rotary:
-            q, k = rope(q, k)
+        if step is None:
+            if rope is not None and self.rotary:
+                q, k = rope(q, k)
+            mask = self._mask(T, q.device)
+        else:  # decoding: this step's positions, then attend to every cached slot so far
+            if step.cos is not None and self.rotary:
+                q, k = step.rotate(q, k)
+            k, v = self.kv_cache.update(step.start, k, v)  # (B, n_kv, start + T, hs)
+            mask = step.mask
         y = F.scaled_dot_product_attention(
-            q, k, v, **self._mask(T, q.device), scale=1.0 / math.sqrt(hs), enable_gqa=self.n_kv != self.n_head
+            q, k, v, **mask, scale=1.0 / math.sqrt(hs), enable_gqa=self.n_kv != self.n_head
         )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
 
@@ -88,8 +97,8 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config, config.n_embd)
         self.mlp = build_mlp(config)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None) -> torch.Tensor:
-        a = self.attn(self.norm_1(x), rope)  # (B, T, C)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: CachedStep | None = None) -> torch.Tensor:
+        a = self.attn(self.norm_1(x), rope, step)  # (B, T, C)
         if self.parallel_residual:
             return x + a + self.mlp(self.norm_2(x))
         # x <- x + a and h = norm_2(x) in one fused pass; the sum keeps x's dtype (fp32 under autocast)
@@ -101,6 +110,9 @@ class GPT(nn.Module):
     """A decoder-only transformer. ``model(idx)`` -> logits (B, T, padded_vocab_size);
     ``model(idx, targets=t)`` -> mean cross-entropy over targets != -100, through the fused linear
     cross-entropy (no (B*T, vocab) logits are ever held).
+
+    Decoding: ``set_kv_cache(batch_size, max_seq_length)``, then ``model(prompt, input_pos=0)`` (the prefill)
+    and ``model(token, input_pos=n)`` per new token; ``clear_kv_cache()`` frees it (litliger/kv_cache.py).
 
     Built on a real device, the model is initialised by the init policy (seeded from the global RNG).
     Built under ``torch.device("meta")`` it is left empty for the engine to shard, materialise and
@@ -149,25 +161,93 @@ class GPT(nn.Module):
             return self.transformer.wte.weight, None
         return self.lm_head.weight, self.lm_head.bias
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T)."""
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Allocate a KV cache of ``max_seq_length`` slots for ``batch_size`` rows in every layer (default:
+        the model's device and dtype); it replaces any previous one. The rotary tables grow to cover it."""
+        if batch_size < 1 or max_seq_length < 1:
+            raise ValueError(f"a KV cache needs batch_size, max_seq_length >= 1, got {batch_size}, {max_seq_length}")
+        if max_seq_length > self.max_seq_length:
+            self.max_seq_length = max_seq_length  # refuses more than block_size
+        weight = self.transformer.wte.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        self.clear_kv_cache()  # free the old cache before allocating the new one
+        for block in self.transformer.h:
+            attn = block.attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv, max_seq_length, attn.head_size, device=device, dtype=dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @property
+    def kv_cache_length(self) -> int | None:
+        """Slots of the KV cache (None: no cache)."""
+        cache = self.transformer.h[0].attn.kv_cache
+        return None if cache is None else cache.max_seq_length
+
+    def hidden_states(
+        self, idx: torch.Tensor, *, input_pos: int | None = None, left_pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T); with ``input_pos`` (and, for
+        left-padded rows, ``left_pad`` (B,)) through the KV cache, see :meth:`forward`."""
         B, T = idx.shape
-        if T > self.max_seq_length:
-            raise ValueError(f"sequence length {T} exceeds max_seq_length={self.max_seq_length}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.scale_embeddings:
             # Gemma scales by sqrt(C) rounded to the activation dtype
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if input_pos is None:
+            if T > self.max_seq_length:
+                raise ValueError(f"sequence length {T} exceeds max_seq_length={self.max_seq_length}")
+            if "wpe" in self.transformer:
+                x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            for block in self.transformer.h:
+                x = block(x, self.rope)
+            return self.transformer.ln_f(x)
+        step = self._cached_step(B, T, input_pos, left_pad, idx.device)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(step.positions)
         for block in self.transformer.h:
-            x = block(x, self.rope)
+            x = block(x, self.rope, step)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    def _cached_step(
+        self, B: int, T: int, input_pos: int, left_pad: torch.Tensor | None, device: torch.device
+    ) -> CachedStep:
+        cache = self.transformer.h[0].attn.kv_cache
+        if cache is None:
+            raise ValueError("input_pos needs a KV cache: call set_kv_cache(batch_size, max_seq_length) first")
+        if input_pos < 0 or input_pos + T > cache.max_seq_length or B != cache.k.shape[0]:
+            raise ValueError(
+                f"{B} rows of {T} tokens at input_pos={input_pos} do not fit the KV cache of "
+                f"{cache.k.shape[0]} rows x {cache.max_seq_length} slots; set a larger cache with set_kv_cache"
+            )
+        tables = (self.rope.cos, self.rope.sin) if self.rope is not None else None
+        window = self.config.sliding_window
+        return cached_step(input_pos, T, left_pad=left_pad, sliding_window=window, rope_tables=tables, device=device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        *,
+        input_pos: int | None = None,
+        left_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, padded_vocab), or with ``targets`` the cross-entropy over targets != -100
-        (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``)."""
-        x = self.hidden_states(idx)
+        (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``).
+
+        With ``input_pos`` (an int) the T tokens are the cache slots input_pos..input_pos+T-1: their keys and
+        values are stored, and they attend to every earlier slot (the prompt in one forward, then one token
+        per call). ``left_pad`` (B,) is the number of padding slots at the start of each row.
+        """
+        x = self.hidden_states(idx, input_pos=input_pos, left_pad=left_pad)
         weight, bias = self.head()
         if self.lm_head is not None and self.lm_head.lora_a is not None:
             x, weight = self.lm_head.fold_lora(x)  # (B, T, C + r), (V, C + r): logits and loss include LoRA
