@@ -132,10 +132,11 @@ def stream(
         if vocab_size is not None:
             logits = logits[:, :vocab_size]
         token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        if stops.numel():
-            token = torch.where(done, pad_id, token)
+        if not stops.numel():
+            yield token
+        else:  # a stopped row shows pad_id, but is fed the sampled token (pad_id need not be a valid id)
+            yield torch.where(done, pad_id, token)
             done |= torch.isin(token, stops)
-        yield token
         if stops.numel() and bool(done.all()):
             return
         if input_pos is None:
