@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert import hf_model
+from test_finetune import gpt2_config, make_base, run, tiny_config, write_instructions
 
 from litliger import GPT
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf
 from litliger.generate import generate, generate_tokens, left_pad_prompts
-from test_convert import hf_model
-from test_finetune import gpt2_config, make_base, run, tiny_config, write_instructions
 
 transformers = pytest.importorskip("transformers")
 
