@@ -33,7 +33,9 @@ INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 def _commands() -> dict[str, Callable]:
     """Subcommand name -> the function it runs (jsonargparse builds the flags from its signature)."""
     from .adapter import merge_lora_checkpoint
+    from .chat import main as chat
     from .convert import convert_from_hf, convert_to_hf
+    from .evaluate import main as evaluate
     from .finetune import setup as finetune
     from .generate import main as generate
     from .pretrain import setup as pretrain
@@ -45,6 +47,8 @@ def _commands() -> dict[str, Callable]:
         "convert_from_hf": convert_from_hf,
         "convert_to_hf": convert_to_hf,
         "generate": generate,
+        "chat": chat,
+        "evaluate": evaluate,
     }
 
 
