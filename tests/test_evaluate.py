@@ -1,0 +1,107 @@
+"""``litliger evaluate``: loss and perplexity over a validation split equal a direct computation, are
+deterministic, reach stdout and --out_file, and mask instruction prompts; the lm_eval scoring functions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_finetune import make_base, tiny_config, write_instructions
+
+from litliger import GPT
+from litliger.cli import main as cli_main
+from litliger.data import Instructions, TextFiles, Tokenizer
+from litliger.evaluate import continuation_logprob, rolling_logprob
+from litliger.evaluate import main as evaluate
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("evaluate"), tiny_config())
+
+
+def text_data(base: Path) -> TextFiles:
+    return TextFiles(train_data_path=base.parents[1] / "corpus", val_split_fraction=0.2)
+
+
+def test_loss_and_perplexity_of_the_validation_split(base, tmp_path, capsys):
+    argv = ["evaluate", str(base), "--data", "litliger.data.TextFiles", "--data.train_data_path",
+            str(base.parents[1] / "corpus"), "--data.val_split_fraction", "0.2", "--max_seq_length", "16",
+            "--batch_size", "3", "--device", "cpu", "--out_file", str(tmp_path / "eval.json")]  # fmt: skip
+    cli_main(argv)
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+    assert printed["perplexity"] == pytest.approx(math.exp(printed["loss"]))
+    # the same number computed directly: every token of every validation block after its first
+    model, data = GPT.from_checkpoint(base).eval(), text_data(base)
+    data.connect(Tokenizer.from_dir(base), batch_size=3, max_seq_length=16)
+    data.prepare_data()
+    data.setup()
+    losses = []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logits = model(batch[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
+    losses = torch.cat(losses)
+    assert printed["tokens"] == losses.numel() > 0
+    assert printed["loss"] == pytest.approx(losses.double().mean().item(), rel=1e-6)
+    cli_main(argv)  # deterministic: a second run gives the same figures
+    again = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in printed.items() if k != "seconds"}
+
+
+def test_instruction_data_counts_only_the_responses(base, tmp_path):
+    records = write_instructions(tmp_path / "records.jsonl", n=20)
+    masked = evaluate(base, data=Instructions(json_path=records, val_split_fraction=0.3), max_seq_length=60,
+                      device="cpu")  # fmt: skip
+    whole = evaluate(base, data=Instructions(json_path=records, val_split_fraction=0.3, mask_prompt=False),
+                     max_seq_length=60, device="cpu")  # fmt: skip
+    assert 0 < masked["tokens"] < whole["tokens"]
+    assert masked["loss"] != whole["loss"] and math.isfinite(masked["loss"])
+
+
+def test_continuation_and_rolling_log_probabilities():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=16)).eval()
+    ids = torch.randint(0, 300, (12,)).tolist()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)
+    expected = logprobs[4:].gather(1, torch.tensor(ids[5:])[:, None]).sum().item()
+    score, greedy = continuation_logprob(model, ids[:5], ids[5:])
+    assert score == pytest.approx(expected, rel=1e-5)
+    assert greedy == (logprobs[4:].argmax(-1) == torch.tensor(ids[5:])).all().item()
+    # a text is scored after `first` in windows of max_seq_length tokens (lm_eval's rolling windows): the
+    # first window's inputs are `first` and the text, each later one the 16 tokens before its predictions
+    text = torch.randint(0, 300, (40,)).tolist()
+    tokens = torch.tensor([0, *text])
+
+    def window(inputs: slice, predicted: slice) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(tokens[None, inputs])[0], dim=-1)
+        targets = tokens[predicted]
+        return lp[-len(targets) :].gather(1, targets[:, None]).sum().item()
+
+    expected = (
+        window(slice(0, 16), slice(1, 17)) + window(slice(16, 32), slice(17, 33)) + window(slice(24, 40), slice(33, 41))
+    )
+    assert rolling_logprob(model, text, first=0) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lm_eval_model(base):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from litliger.evaluate import LitligerLM
+
+    lm = LitligerLM(checkpoint_dir=base, device="cpu")
+    request = lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0)
+    [(score, _)] = lm.loglikelihood([request("loglikelihood", ("alpha beta", " gamma"))])
+    assert score < 0
+    [rolling] = lm.loglikelihood_rolling([request("loglikelihood_rolling", ("alpha beta gamma",))])
+    assert rolling < score
+    [text] = lm.generate_until([request("generate_until", ("alpha", {"until": ["\n"], "max_gen_toks": 5}))])
+    assert "\n" not in text
