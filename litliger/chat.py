@@ -128,7 +128,7 @@ def main(
     top_p: float = 1.0,
     seed: int = 1234,
     max_seq_length: int | None = None,
-    precision: Precision | None = None,
+    precision: Precision = "auto",
     device: str = "auto",
 ) -> list[dict[str, str]]:
     """``litliger chat``: talk to a checkpoint; one user message per line of stdin, the reply on stdout.
@@ -141,7 +141,7 @@ def main(
         top_p: then from the most likely tokens that together hold this probability (1.0: all).
         seed: seeds the sampler once for the session.
         max_seq_length: the KV cache's length, the longest conversation kept (default the model's block_size).
-        precision: the weights' and the cache's dtype (default bf16-true on GPUs that support it, else 32-true).
+        precision: the weights' and the cache's dtype (auto: bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)

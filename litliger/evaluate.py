@@ -49,7 +49,7 @@ def main(
     batch_size: int = 4,
     max_batches: int | None = None,
     out_file: Path | None = None,
-    precision: Precision | None = None,
+    precision: Precision = "auto",
     device: str = "auto",
 ) -> dict[str, Any]:
     """``litliger evaluate``: the checkpoint's mean loss and perplexity on ``data``'s validation split, as JSON
@@ -63,13 +63,15 @@ def main(
         batch_size: sequences per forward.
         max_batches: evaluate only the first N batches (default all).
         out_file: also write the JSON here.
-        precision: the weights' dtype (default bf16-true on GPUs that support it, else 32-true).
+        precision: the weights' dtype (auto: bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
     check_positive("batch_size", batch_size, "set how many sequences go in one forward")
     check_positive("max_seq_length", max_seq_length, "set the tokens per sequence", optional=True)
     check_positive("max_batches", max_batches, "set a number of batches, or leave it unset for all", optional=True)
     data = data if data is not None else PythonStdlib()
+    if getattr(data, "val_split_fraction", None) == 0:
+        raise _no_val_split(data)
     model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
     block_size = model.config.block_size
     if max_seq_length is not None and max_seq_length > block_size:
@@ -89,9 +91,7 @@ def main(
     data.setup()
     loader = data.val_dataloader()
     if loader is None:
-        raise ValueError(
-            f"{type(data).__name__} has no validation split, in --data; set --data.val_split_fraction above 0"
-        )
+        raise _no_val_split(data)
     start = time.perf_counter()
     sums = split_loss(model, loader, device=device, max_batches=max_batches)
     if sums["tokens"] == 0:
@@ -117,6 +117,12 @@ def main(
         Path(out_file).parent.mkdir(parents=True, exist_ok=True)
         Path(out_file).write_text(text + "\n")
     return result
+
+
+def _no_val_split(data: DataModule) -> ValueError:
+    return ValueError(
+        f"{type(data).__name__} has no validation split, in --data; set --data.val_split_fraction above 0"
+    )
 
 
 # --- scoring for lm-evaluation-harness ---------------------------------------------------------------------

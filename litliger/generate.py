@@ -22,7 +22,7 @@ from torch import nn
 from .engine.args import check_at_least, check_between, check_positive
 from .engine.runtime import unwrap
 
-Precision = Literal["32-true", "bf16-true", "16-true"]
+Precision = Literal["auto", "32-true", "bf16-true", "16-true"]
 _DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
@@ -388,9 +388,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def precision_dtype(precision: Precision | None, device: str) -> torch.dtype:
-    """The weights' (and the KV cache's) dtype: default bf16 on a GPU that supports it, else fp32."""
-    if precision is None:
+def precision_dtype(precision: Precision, device: str) -> torch.dtype:
+    """The weights' (and the KV cache's) dtype: ``auto`` is bf16 on a GPU that supports it, else fp32."""
+    if precision == "auto":
         bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16-true" if bf16 else "32-true"
     return _DTYPES[precision]
@@ -408,7 +408,7 @@ def read_tokenizer(checkpoint_dir: Path):
     return Tokenizer.from_dir(checkpoint_dir)
 
 
-def load_for_inference(checkpoint_dir: Path, device: str, precision: Precision | None):
+def load_for_inference(checkpoint_dir: Path, device: str, precision: Precision):
     """(model in eval mode, tokenizer, device) of a checkpoint folder or a finetuning step folder."""
     from .model import GPT
 
@@ -437,7 +437,7 @@ def main(
     top_k: int | None = 50,
     top_p: float = 1.0,
     seed: int = 1234,
-    precision: Precision | None = None,
+    precision: Precision = "auto",
     device: str = "auto",
     raw: bool = False,
 ) -> str:
@@ -454,13 +454,13 @@ def main(
         top_k: sample from the k most likely tokens only (null: all).
         top_p: then from the most likely tokens that together hold this probability (1.0: all).
         seed: seeds the sampler.
-        precision: the weights' dtype (default bf16-true on GPUs that support it, else 32-true).
+        precision: the weights' dtype (auto: bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
     if not prompt:
         raise ValueError("the prompt is empty, in --prompt; give the text to continue (or the instruction)")
-    model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
     style = None if raw else recorded_prompt_style(checkpoint_dir)
     if style is not None:
         ids = style.encode_prompt(tokenizer, [{"role": "user", "content": prompt}])

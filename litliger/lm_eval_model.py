@@ -24,7 +24,7 @@ class LitligerLM(LM):
     at a time (scoring is exact at any batch size; batching is left out for clarity)."""
 
     def __init__(
-        self, checkpoint_dir: str | Path, device: str = "auto", precision: Precision | None = None, **_: object
+        self, checkpoint_dir: str | Path, device: str = "auto", precision: Precision = "auto", **_: object
     ) -> None:
         super().__init__()
         self.model, self.tokenizer, self._device = load_for_inference(Path(checkpoint_dir), device, precision)

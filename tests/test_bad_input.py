@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import litliger.chat
+import litliger.evaluate
 import litliger.generate
 import litliger.pretrain
 from litliger import GPT, Config
@@ -36,6 +38,8 @@ PRETRAIN = ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}", "--
 FINETUNE = ["finetune", "--checkpoint_dir", "{ckpt}", "--out_dir", "{out}", "--train.max_steps", "1"]
 RESUME = ["pretrain", "--model_config", "{tiny_yaml}", "--out_dir", "{out}", "--accelerator", "cpu",
           "--train.max_steps", "1", "--resume"]  # fmt: skip
+CHAT = ["chat", "{ckpt}"]
+EVALUATE = ["evaluate", "{ckpt}", "--max_seq_length", "16"]
 USAGE = 2  # exit status of a command-line parse error (argparse's)
 
 
@@ -64,6 +68,9 @@ ROWS = [
     flag("train.max_norm", "0", must("train.max_norm", r"0\.0", "> 0")),
     flag("train.max_norm", "-1", must("train.max_norm", r"-1\.0", "> 0")),
     flag("train.save_interval", "0", must("train.save_interval", "0", ">= 1")),
+    flag("train.save_interval_minutes", "0", must("train.save_interval_minutes", r"0\.0", "> 0")),
+    flag("train.save_interval_minutes", "-0.5", must("train.save_interval_minutes", r"-0\.5", "> 0")),
+    flag("train.keep_last", "0", must("train.keep_last", "0", ">= 1")),
     flag("train.log_interval", "0", must("train.log_interval", "0", ">= 1")),
     # --eval.*
     flag("eval.interval", "0", must("eval.interval", "0", ">= 1")),
@@ -130,6 +137,10 @@ ROWS = [
     flag("top_p", "0", must("top_p", r"0\.0", r"in \(0, 1\]"), base=["generate", "{ckpt}"]),
     flag("top_p", "1.01", must("top_p", r"1\.01", r"in \(0, 1\]"), base=["generate", "{ckpt}"]),
     flag("device", "tpu", r"^device='tpu' is not a device, in --device; ", base=["generate", "{ckpt}"]),
+    flag("precision", "bf16-mixed", r"^got bf16-mixed, expected one of 'auto', '32-true', 'bf16-true', '16-true', in --precision; ", USAGE, base=["generate", "{ckpt}"]),
+    flag("prompt", "", r"^the prompt is empty, in --prompt; ", base=["generate", "{ckpt}"]),
+    pytest.param(["generate", "{ckpt}", "--prompt", "alpha beta " * 40], r"^the prompt is \d+ tokens, longer than the model's max_seq_length=32, in --prompt; shorten it$", 1, id="prompt=too-long"),
+    pytest.param(["generate", "{no_tokenizer}", "--prompt", "a"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; copy ", 1, id="generate-no-tokenizer"),
     # generate: checkpoint folders with a missing or corrupt file name the file
     pytest.param(["generate", "{missing}"], r"^No tokenizer\.json in .*/missing: ", 1, id="generate-missing-dir"),
     pytest.param(["generate", "{corrupt_model_config}"], rf"^invalid YAML \(.*\), in .*/corrupt_model_config/{CONFIG_FILE}; ", 1, id="corrupt-model_config.yaml"),
@@ -138,6 +149,26 @@ ROWS = [
     pytest.param(["generate", "{corrupt_config_json}"], r"^invalid JSON \(.*\), in .*/corrupt_config_json/config\.json; ", 1, id="corrupt-config.json"),
     pytest.param(["generate", "{corrupt_generation_config}"], r"^not a JSON object, in .*/corrupt_generation_config/generation_config\.json; ", 1, id="corrupt-generation_config.json"),
     pytest.param(["generate", "{truncated_weights}"], rf"^.*/truncated_weights/{MODEL_FILE} is not a readable safetensors file .*; the checkpoint is corrupt", 1, id="truncated-model.safetensors"),
+    # chat: sampling arguments and the cache's length
+    flag("max_new_tokens", "-1", must("max_new_tokens", "-1", ">= 0"), base=CHAT),
+    flag("temperature", "-0.1", must("temperature", r"-0\.1", ">= 0"), base=CHAT),
+    flag("top_k", "0", must("top_k", "0", ">= 1"), base=CHAT),
+    flag("top_p", "2", must("top_p", r"2\.0", r"in \(0, 1\]"), base=CHAT),
+    flag("max_seq_length", "0", must("max_seq_length", "0", ">= 1"), base=CHAT),
+    flag("max_seq_length", "33", r"^max_seq_length=33 exceeds the model's block_size=32, in --max_seq_length; use at most 32$", base=CHAT),
+    flag("precision", "64-true", r"^got 64-true, expected one of .*, in --precision; ", USAGE, base=CHAT),
+    flag("device", "cuda:x", r"^device='cuda:x' is not a device, in --device; ", base=CHAT),
+    pytest.param(["chat", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="chat-no-tokenizer"),
+    # evaluate
+    flag("batch_size", "0", must("batch_size", "0", ">= 1"), base=EVALUATE),
+    flag("max_seq_length", "0", must("max_seq_length", "0", ">= 1"), base=EVALUATE),
+    flag("max_seq_length", "64", r"^max_seq_length=64 exceeds the model's block_size=32, in --max_seq_length; ", base=EVALUATE),
+    flag("max_batches", "0", must("max_batches", "0", ">= 1"), base=EVALUATE),
+    flag("precision", "fp32", r"^got fp32, expected one of .*, in --precision; ", USAGE, base=EVALUATE),
+    flag("device", "tpu", r"^device='tpu' is not a device, in --device; ", base=EVALUATE),
+    flag("data", "litliger.data.Nope", r"^litliger\.data\.Nope: module 'litliger\.data' has no attribute 'Nope', in --data; ", USAGE, base=EVALUATE),
+    pytest.param([*EVALUATE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{corpus}", "--data.val_split_fraction", "0"], r"^TextFiles has no validation split, in --data; set --data\.val_split_fraction above 0$", 1, id="data=no-val-split"),
+    pytest.param(["evaluate", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="evaluate-no-tokenizer"),
     # resume: a training checkpoint with a corrupt training state names the file
     pytest.param([*RESUME, "{corrupt_state}"], r"/corrupt_state/training_state/state\.json is corrupt \(.*\); resume from another", 1, id="corrupt-state.json"),
     pytest.param([*RESUME, "{corrupt_rank_state}"], r"/corrupt_rank_state/training_state/rank0+\.pt is corrupt \(.*\); resume from another", 1, id="corrupt-rank-state"),
@@ -218,6 +249,18 @@ class Files:
         return copy
 
     @cached_property
+    def corpus(self) -> Path:
+        assert self.tokenizer is not None  # writes the corpus
+        return self.root / "corpus"
+
+    @cached_property
+    def no_tokenizer(self) -> Path:
+        copy = self.root / "no_tokenizer"
+        shutil.copytree(self.ckpt, copy)
+        (copy / "tokenizer.json").unlink()
+        return copy
+
+    @cached_property
     def corrupt_model_config(self) -> Path:
         return self._broken_copy("corrupt_model_config", self.ckpt, CONFIG_FILE, b"n_layer: [1\n")
 
@@ -285,18 +328,27 @@ def _no_training(*args, **kwargs):
     raise RuntimeError("the bad input was not refused before the training session")
 
 
-# Flags with nothing to refuse: switches and free text.
-UNCHECKED = {"eval.initial_validation", "eval.final_validation", "sample.prompt", "prompt", "seed", "raw"}
+# Flags with nothing to refuse: switches, free text and output paths.
+UNCHECKED = {"eval.initial_validation", "eval.final_validation", "sample.prompt", "seed", "raw", "out_file"}
 
 
 def test_every_flag_has_a_row():
-    """A new field of an argument group (or a new ``generate`` parameter) must come with its check and a row."""
+    """A new field of an argument group (or a new parameter of generate, chat or evaluate) must come with its
+    check and a row."""
     groups = {"train": FinetuneTrainArgs, "eval": EvalArgs, "optimizer": OptimizerArgs, "sample": litliger.generate.SampleArgs,
               "lora": LoRAArgs}  # fmt: skip
     flags = {f"{prefix}.{f.name}" for prefix, cls in groups.items() for f in dataclasses.fields(cls)}
-    flags |= set(inspect.signature(litliger.generate.main).parameters) - {"checkpoint_dir"}
     covered = {row.id.split("=", 1)[0] for row in ROWS}
-    assert sorted(flags - UNCHECKED - covered) == []
+    missing = sorted(flags - UNCHECKED - covered)
+    for command, function in [
+        ("generate", litliger.generate.main),
+        ("chat", litliger.chat.main),
+        ("evaluate", litliger.evaluate.main),
+    ]:
+        flags = set(inspect.signature(function).parameters) - {"checkpoint_dir"} - UNCHECKED
+        covered = {row.id.split("=", 1)[0] for row in ROWS if row.values[0][0] == command}
+        missing += [f"{command} --{name}" for name in sorted(flags - covered)]
+    assert missing == []
 
 
 @pytest.mark.parametrize(("argv", "expected", "code"), ROWS)
