@@ -59,8 +59,9 @@ def check_loss_args(op: str, reduction: str, label_smoothing: float, z_loss: flo
 def check_targets(op: str, targets: torch.Tensor, rows_shape: torch.Size, vocab: int, ignore_index: int) -> None:
     """Targets are integer class ids in [0, vocab) or ``ignore_index``, one per row.
 
-    The value range is checked here for CPU tensors only (free there). On CUDA that check would cost a
-    host sync per call, so the kernels instead give a row with an out-of-range target a NaN loss, which
+    The value range is checked here for CPU tensors only (free there), and not while ``torch.compile``
+    traces (a data-dependent branch would break the graph). On CUDA that check would cost a host sync per
+    call, so the kernels (and the twins) instead give a row with an out-of-range target a NaN loss, which
     the training engine's non-finite-loss check reports.
     """
     if not isinstance(targets, torch.Tensor) or targets.dtype not in INT_DTYPES:
@@ -71,7 +72,7 @@ def check_targets(op: str, targets: torch.Tensor, rows_shape: torch.Size, vocab:
             f"{op}: targets has shape {tuple(targets.shape)} but the input has {tuple(rows_shape)} rows "
             "(all dimensions but the last); they must match"
         )
-    if targets.is_cuda or targets.numel() == 0:
+    if targets.device.type != "cpu" or targets.numel() == 0 or torch.compiler.is_compiling():
         return
     flat = targets.reshape(-1)
     bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)

@@ -1,8 +1,19 @@
-"""Launch settings shared by the row-wise Triton kernels."""
+"""Launch settings shared by the row-wise Triton kernels, and the one place a kernel is launched.
+
+Every launcher ends in :func:`launch`. Under :func:`capture_launches` it records a :class:`LaunchPlan` instead of
+running the kernel, so the launchers can be run on meta tensors at any model's sizes: that is how the kernels are
+compiled ahead of time for named GPUs (:mod:`litliger.kernels.aot`) with exactly the grid, constexprs and warps
+a real call would use.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -11,6 +22,44 @@ import triton
 MAX_FUSED_SIZE = 65536
 # Row-tiled kernels (norms) pack narrow rows into tiles of about this many elements.
 _TILE_ELEMENTS = 2048
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``."""
+
+    kernel: Any  # a triton JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+
+_captured: ContextVar[list[LaunchPlan] | None] = ContextVar("litliger_captured_launches", default=None)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, **constexprs: Any) -> None:
+    """Launch ``kernel`` on ``grid``; under :func:`capture_launches`, record the launch instead."""
+    plans = _captured.get()
+    if plans is not None:
+        plans.append(LaunchPlan(kernel, grid, args, constexprs, num_warps))
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+@contextmanager
+def capture_launches() -> Iterator[list[LaunchPlan]]:
+    """Collect the launches of the enclosed launcher calls without running any kernel (tensors may be on meta)."""
+    plans: list[LaunchPlan] = []
+    token = _captured.set(plans)
+    try:
+        yield plans
+    finally:
+        _captured.reset(token)
 
 
 def row_settings(n_cols: int, max_block: int = MAX_FUSED_SIZE) -> tuple[int, int]:

@@ -58,7 +58,7 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if backend == "auto":
         return x.is_cuda
-    if x.is_cuda or interpreting():
+    if x.is_cuda or x.is_meta or interpreting():  # meta: launch plans only (litliger.kernels.aot)
         return True
     raise RuntimeError(
         f"kernel backend 'triton' got a tensor on {x.device}; Triton needs CUDA tensors, or "

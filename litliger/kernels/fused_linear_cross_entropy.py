@@ -303,7 +303,7 @@ def fused_linear_cross_entropy(
     runs with autocast off, so no matmul inside silently changes dtype.
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

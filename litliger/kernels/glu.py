@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_same_device, check_same_shape, compute_dtype
-from ._launch import as_rows
+from ._launch import as_rows, launch
 from .backend import use_triton
 
 GELU_APPROXIMATIONS = ("tanh", "none")
@@ -202,9 +202,20 @@ def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Ten
     (g, u), n_cols = _as_rows(gate, up)
     o = out.view(-1, n_cols)
     n_programs, n_col_blocks = _grid(g.shape[0], n_cols)
-    _glu_fwd_kernel[(n_programs,)](
-        g, u, o, g.stride(0), u.stride(0), o.stride(0), n_cols, n_col_blocks,
-        ACTIVATION=activation, BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS,
+    launch(
+        _glu_fwd_kernel,
+        (n_programs,),
+        g,
+        u,
+        o,
+        g.stride(0),
+        u.stride(0),
+        o.stride(0),
+        n_cols,
+        n_col_blocks,
+        ACTIVATION=activation,
+        BLOCK_SIZE=_BLOCK_SIZE,
+        num_warps=_NUM_WARPS,
     )
     return out
 
@@ -219,9 +230,24 @@ def _glu_bwd(
     (d, g, u), n_cols = _as_rows(dy, gate, up)
     dg, du = dgate.view(-1, n_cols), dup.view(-1, n_cols)
     n_programs, n_col_blocks = _grid(g.shape[0], n_cols)
-    _glu_bwd_kernel[(n_programs,)](
-        d, g, u, dg, du, d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols, n_col_blocks,
-        ACTIVATION=activation, BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS,
+    launch(
+        _glu_bwd_kernel,
+        (n_programs,),
+        d,
+        g,
+        u,
+        dg,
+        du,
+        d.stride(0),
+        g.stride(0),
+        u.stride(0),
+        dg.stride(0),
+        du.stride(0),
+        n_cols,
+        n_col_blocks,
+        ACTIVATION=activation,
+        BLOCK_SIZE=_BLOCK_SIZE,
+        num_warps=_NUM_WARPS,
     )
     return dgate, dup
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_same_device, check_vector, compute_dtype
-from ._launch import as_rows, bwd_programs, tile_settings
+from ._launch import as_rows, bwd_programs, launch, tile_settings
 from .backend import use_triton
 
 
@@ -126,9 +126,9 @@ def _layer_norm_bwd_kernel(
 ):
     """Backward of y = xhat * w + b, xhat = (x - mean) * rstd, over a contiguous run of row tiles.
 
-        g  = dy * w
-        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-        dw = sum over rows of dy * xhat,   db = sum over rows of dy   (fp32, this program's rows, into DW/DB[pid, :])
+    g  = dy * w
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    dw = sum over rows of dy * xhat,   db = sum over rows of dy   (fp32, this program's rows, into DW/DB[pid, :])
     """
     pid = tl.program_id(0)
     tile_start = pid * tiles_per_program
@@ -230,7 +230,9 @@ def layer_norm_fwd(
         return x2, y, mean, rstd
     block_m, block_n, num_warps = tile_settings(n_cols, _MAX_BLOCK, _MAX_ROWS_PER_TILE)
     weight = weight.contiguous()  # (H,): a copy only if strided, and tiny
-    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    launch(
+        _layer_norm_fwd_kernel,
+        (triton.cdiv(n_rows, block_m),),
         x2,
         y,
         weight,
@@ -275,7 +277,9 @@ def layer_norm_bwd(
     alloc = torch.empty if n_cols <= block_n else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else None
     db_partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if compute_db else None
-    _layer_norm_bwd_kernel[(programs,)](
+    launch(
+        _layer_norm_bwd_kernel,
+        (programs,),
         dy,
         x,
         weight.contiguous(),

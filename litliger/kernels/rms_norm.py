@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_same_device, check_same_shape, check_vector, compute_dtype
-from ._launch import as_rows, bwd_programs, tile_settings
+from ._launch import as_rows, bwd_programs, launch, tile_settings
 from .backend import use_triton
 
 
@@ -290,7 +290,9 @@ def rms_norm_fwd(
     if n_rows == 0:
         return y, s, rstd
     block_m, block_n, num_warps = tile_settings(n_cols, _MAX_BLOCK, _MAX_ROWS_PER_TILE)
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    launch(
+        _rms_norm_fwd_kernel,
+        (triton.cdiv(n_rows, block_m),),
         x2,
         x2 if r2 is None else r2,  # unused pointers (HAS_RESIDUAL=False) get any valid tensor
         y if s is None else s,
@@ -336,7 +338,9 @@ def rms_norm_bwd(
     # fp32 per-program partial sums of dw; the column-loop path accumulates into it, so it must start at zero.
     alloc = torch.empty if n_cols <= block_n else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=s.device) if compute_dw else None
-    _rms_norm_bwd_kernel[(programs,)](
+    launch(
+        _rms_norm_bwd_kernel,
+        (programs,),
         dy,
         s,
         weight.contiguous(),

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_same_device, compute_dtype
+from ._launch import launch
 from .backend import use_triton
 
 
@@ -164,12 +165,46 @@ def _rope_kernel(
     s2 = tl.load(sin_ptr + t * ss_t + (d + HALF) * ss_d, mask=dmask, other=0.0).to(tl.float32)
 
     _rope_heads(
-        q_ptr, qo_ptr, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h, sqo_d,
-        c1, c2, s1, s2, N_QH, HALF, HEAD_SIZE, BLOCK_QH, BLOCK_HALF, BLOCK_PASS, BACKWARD,
+        q_ptr,
+        qo_ptr,
+        b * sq_b + t * sq_t,
+        b * sqo_b + t * sqo_t,
+        sq_h,
+        sq_d,
+        sqo_h,
+        sqo_d,
+        c1,
+        c2,
+        s1,
+        s2,
+        N_QH,
+        HALF,
+        HEAD_SIZE,
+        BLOCK_QH,
+        BLOCK_HALF,
+        BLOCK_PASS,
+        BACKWARD,
     )
     _rope_heads(
-        k_ptr, ko_ptr, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sk_d, sko_h, sko_d,
-        c1, c2, s1, s2, N_KH, HALF, HEAD_SIZE, BLOCK_KH, BLOCK_HALF, BLOCK_PASS, BACKWARD,
+        k_ptr,
+        ko_ptr,
+        b * sk_b + t * sk_t,
+        b * sko_b + t * sko_t,
+        sk_h,
+        sk_d,
+        sko_h,
+        sko_d,
+        c1,
+        c2,
+        s1,
+        s2,
+        N_KH,
+        HALF,
+        HEAD_SIZE,
+        BLOCK_KH,
+        BLOCK_HALF,
+        BLOCK_PASS,
+        BACKWARD,
     )
 
 
@@ -202,13 +237,32 @@ def _rope_launch(
     block_qh = min(triton.next_power_of_2(max(1, n_qh)), max_heads)
     block_kh = min(triton.next_power_of_2(max(1, n_kh)), max_heads)
     num_warps = 8 if block_qh * width >= 1024 else 4
-    _rope_kernel[(B * T,)](
-        q, k, q_out, k_out, cos, sin,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
+    launch(
+        _rope_kernel,
+        (B * T,),
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        *q.stride(),
+        *k.stride(),
+        *q_out.stride(),
+        *k_out.stride(),
+        *cos.stride(),
+        *sin.stride(),
         T,
-        N_QH=n_qh, N_KH=n_kh, HALF=half, HEAD_SIZE=hs,
-        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        BACKWARD=backward, num_warps=num_warps,
+        N_QH=n_qh,
+        N_KH=n_kh,
+        HALF=half,
+        HEAD_SIZE=hs,
+        BLOCK_QH=block_qh,
+        BLOCK_KH=block_kh,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        BACKWARD=backward,
+        num_warps=num_warps,
     )
     return q_out, k_out
 
@@ -251,9 +305,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must be 4-D (batch, heads, seq_len, head_size)"
         )
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seq_len and head_size"
-        )
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seq_len and head_size")
     if cos.shape != sin.shape or cos.dim() != 2:
         raise ValueError(f"{op}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (seq_len, rotary_dims)")
     T, hs, r = q.shape[2], q.shape[3], cos.shape[1]
@@ -266,9 +318,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     check_same_device(op, q=q, k=k, cos=cos, sin=sin)
 
 
-def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary embeddings to ``q`` and ``k``; returns new tensors ``(q_out, k_out)``."""
     _check(q, k, cos, sin)
     if use_triton(q):
