@@ -34,7 +34,7 @@ from .engine import (
     fit,
     make_fabric,
     make_loggers,
-    resolve_resume,
+    resolve_resume_on_all_ranks,
     setup_model,
     training_session,
     unwrap,
@@ -182,7 +182,7 @@ def main(
         _, trainable = build_finetune_model(config, method, lora_args, train.trainable)
 
     with training_session(fabric, out_dir) as signals:
-        resume_dir = resolve_resume(resume, out_dir)
+        resume_dir = resolve_resume_on_all_ranks(fabric, resume, out_dir)
         base_sha = fabric.broadcast(sha256_file(checkpoint_dir / MODEL_FILE) if fabric.global_rank == 0 else None)
         tokenizer = Tokenizer.from_dir(checkpoint_dir)
         if resume_dir is not None and (saved_style := read_finetune_meta(resume_dir).get("prompt_style")):
@@ -250,7 +250,7 @@ def main(
                     folder, tensors, meta=meta, config=config, final=final
                 ),
                 signals=signals,
-                resumed=resume_dir is not None,
+                resumed_from=resume_dir,
                 trainable_only=True,
                 loss_fn=instruction_loss,
                 count_targets=response_tokens,

@@ -23,7 +23,7 @@ from .engine import (
     fit,
     make_fabric,
     make_loggers,
-    resolve_resume,
+    resolve_resume_on_all_ranks,
     setup_model,
     training_session,
     unwrap,
@@ -133,7 +133,7 @@ def main(
     total = train.total_steps(train.global_batch_size * seq_len)
     train.gradient_accumulation_steps(fabric.world_size)  # bad batch sizes fail before any work is done
     with training_session(fabric, out_dir) as signals:
-        resume_dir = resolve_resume(resume, out_dir)
+        resume_dir = resolve_resume_on_all_ranks(fabric, resume, out_dir)
         if resume_dir is not None:
             check_resumable(resume_dir, config, fabric.world_size)
         fabric.seed_everything(seed)
@@ -187,7 +187,7 @@ def main(
                 total_steps=total,
                 write_files=write_files,
                 signals=signals,
-                resumed=resume_dir is not None,
+                resumed_from=resume_dir,
             ),
             progress=progress,
         )

@@ -62,10 +62,15 @@ def data_loaders(
     seq_len: int,
     loader_state: dict[str, Any] | None,
 ) -> tuple[Any, Any]:
-    """Connect, prepare (rank 0 first) and set up ``data``; the training loader positioned at
-    ``loader_state`` (a resume) and the validation loader (or None)."""
+    """Connect, prepare (each node's local rank 0 first) and set up ``data``; the training loader positioned
+    at ``loader_state`` (a resume) and the validation loader (or None).
+
+    Preparing once per node serves a data cache on a node-local disk as well as one on a shared
+    filesystem (there the first node publishes the cache entry and the others find it, or build the same
+    entry and keep the first: entries are content-addressed and published atomically).
+    """
     data.connect(tokenizer, batch_size=batch_size, max_seq_length=seq_len)
-    with fabric.rank_zero_first(local=False):
+    with fabric.rank_zero_first(local=True):
         data.prepare_data()
     data.setup()
     train_loader = data.train_dataloader()

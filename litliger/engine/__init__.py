@@ -11,6 +11,7 @@ from .checkpointing import (
     is_complete,
     load_training_state,
     resolve_resume,
+    resolve_resume_on_all_ranks,
     save_training_checkpoint,
 )
 from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
@@ -41,6 +42,7 @@ __all__ = [
     "next_token_loss",
     "reshard",
     "resolve_resume",
+    "resolve_resume_on_all_ranks",
     "RunInterrupted",
     "StopSignals",
     "training_session",

@@ -78,7 +78,9 @@ class TrainArgs:
     min_lr: float = 4e-5  # cosine decay ends here at the last step
     max_norm: float | None = 1.0  # gradient clipping (None: off)
     save_interval: int | None = 1000  # steps between checkpoints (None: only the final one)
-    log_interval: int = 1  # steps between metric lines
+    save_interval_minutes: float | None = None  # also save when this much time passed since the last save
+    keep_last: int | None = None  # keep only the newest K step checkpoints (None: all); final/ is always kept
+    log_interval: int = 1  # steps between metric lines (time-based saves are decided at these steps)
 
     def __post_init__(self) -> None:
         check_positive("train.global_batch_size", self.global_batch_size, "set the sequences per optimizer step")
@@ -97,6 +99,10 @@ class TrainArgs:
         check_positive("train.max_norm", self.max_norm, fix, optional=True)
         fix = "set steps between checkpoints, or null for the final one only"
         check_positive("train.save_interval", self.save_interval, fix, optional=True)
+        fix = "set minutes between checkpoints, or null for step-based ones only"
+        check_positive("train.save_interval_minutes", self.save_interval_minutes, fix, optional=True)
+        fix = "set how many step checkpoints to keep, or null to keep all"
+        check_positive("train.keep_last", self.keep_last, fix, optional=True)
         check_positive("train.log_interval", self.log_interval, "set steps between metric lines (1: every step)")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:

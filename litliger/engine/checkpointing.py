@@ -8,7 +8,11 @@
             rank00000.pt ...           per rank: dataloader state and every RNG
 
 Everything is written into a hidden temporary folder that rank 0 renames into place once all ranks have
-finished, so ``--resume auto`` never sees a partial checkpoint. ``state.json`` lists the files the
+finished, so ``--resume auto`` never sees a partial checkpoint. On several nodes the folder must be on one
+filesystem that all of them see (NFS, Lustre, a cloud file store), which may show one node's files to the
+others with some delay: every rank reports the files it wrote (names and sizes) and rank 0 publishes only
+once it sees all of them, complete; the checkpoint to resume from is chosen by rank 0 alone and sent to the
+others, so a stale directory listing on one node cannot make the ranks disagree. ``state.json`` lists the files the
 checkpoint consists of (model.safetensors for pretraining, trainable.safetensors for finetuning), and a
 folder is complete only when all of them are there.
 """
@@ -16,8 +20,10 @@ folder is complete only when all of them are there.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,6 +117,45 @@ def resolve_resume(resume: bool | str | Path | None, out_dir: Path) -> Path | No
     if not is_complete(path):
         raise ValueError(f"--resume {path} is not a complete training checkpoint (files are missing); pick another")
     return path
+
+
+def resolve_resume_on_all_ranks(fabric: L.Fabric, resume: bool | str | Path | None, out_dir: Path) -> Path | None:
+    """:func:`resolve_resume` on rank 0, its answer (or its error) on every rank."""
+    if fabric.world_size == 1:
+        return resolve_resume(resume, out_dir)
+    answer: tuple[str | None, str | None] = (None, None)
+    if fabric.global_rank == 0:
+        try:
+            path = resolve_resume(resume, out_dir)
+            answer = (str(path) if path is not None else None, None)
+        except (ValueError, OSError) as e:
+            answer = (None, f"{type(e).__name__}\0{e}")
+    path, error = fabric.broadcast(answer, src=0)
+    if error is not None:
+        kind, message = error.split("\0", 1)
+        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(message)
+    return Path(path) if path is not None else None
+
+
+def prune_step_checkpoints(out_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete step checkpoints (never ``final/`` and never a
+    folder in ``keep``, such as the one this run resumed from); returns the names deleted.
+
+    Each is first renamed to a hidden ``.X.tmp-pruned`` name, so a kill during the deletion leaves nothing
+    that looks like a checkpoint (the next run sweeps the rest away).
+    """
+    steps = [p for p in _checkpoint_folders(out_dir) if p.name != FINAL_DIR and is_complete(p)]
+    steps.sort(key=lambda p: read_state(p)["step"])
+    protected = {p.resolve() for p in keep}
+    removed = []
+    for path in steps[: max(0, len(steps) - keep_last)]:
+        if path.resolve() in protected:
+            continue
+        doomed = path.parent / f".{path.name}.tmp-pruned"
+        path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def sweep_temporary(out_dir: Path) -> list[str]:
@@ -236,21 +281,68 @@ def save_training_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / STATE_DIR).mkdir(parents=True)
     fabric.barrier()
+    (tmp / STATE_DIR).mkdir(parents=True, exist_ok=True)  # a node whose view of the folder lags creates it too
     module = unwrap(model)
     optim_state = get_optimizer_state_dict(module, optimizer)
     with _quiet_single_process():
         dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / STATE_DIR / "optimizer"), no_dist=_no_dist())
-    torch.save({"dataloader": loader_state, "rng": _rng_state()}, tmp / STATE_DIR / _rank_file(fabric.global_rank))
+    rank_file = tmp / STATE_DIR / _rank_file(fabric.global_rank)
+    torch.save({"dataloader": loader_state, "rng": _rng_state()}, rank_file)
+    written = _files_of_rank(tmp, fabric.global_rank)
     weights = _gathered_parameters(fabric, model, trainable_only and not final)
     if fabric.global_rank == 0:
         files = write_files(tmp, weights, final)
         record = {**state, "world_size": fabric.world_size, "files": files}
         (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps(record, indent=2))
-    fabric.barrier()
+    reports = _gather_objects(fabric, written)
     if fabric.global_rank == 0:
+        _wait_until_visible(tmp, reports)
         publish_dir(tmp, path)
     fabric.barrier()
     return path
+
+
+def _files_of_rank(folder: Path, rank: int) -> dict[str, int]:
+    """The training-state files ``rank`` wrote into ``folder`` (relative name -> size), flushed to disk."""
+    state = folder / STATE_DIR
+    own = [state / _rank_file(rank), *sorted((state / "optimizer").glob(f"__{rank}_*"))]
+    if rank == 0:
+        own += [p for p in (state / "optimizer").glob(".metadata")]
+    report = {}
+    for file in own:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        report[str(file.relative_to(folder))] = file.stat().st_size
+    return report
+
+
+def _gather_objects(fabric: L.Fabric, obj: Any) -> list[Any]:
+    if fabric.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _wait_until_visible(folder: Path, reports: list[dict[str, int]]) -> None:
+    """Wait (up to ``LITLIGER_FS_WAIT`` seconds, default 300) until every file the ranks reported is
+    visible in ``folder`` at its full size; a shared filesystem may show other nodes' writes late."""
+    deadline = time.monotonic() + float(os.environ.get("LITLIGER_FS_WAIT", "300"))
+    while True:
+        missing = [
+            name
+            for report in reports
+            for name, size in report.items()
+            if not ((folder / name).is_file() and (folder / name).stat().st_size == size)
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise OSError(
+                f"{len(missing)} files written by other ranks did not appear in {folder} (e.g. {missing[0]}); "
+                "out_dir must be on a filesystem that every node sees (set LITLIGER_FS_WAIT to wait longer)"
+            )
+        time.sleep(0.5)
 
 
 def load_training_state(

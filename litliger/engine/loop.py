@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from ..config import Config, flops_per_token
 from .args import EvalArgs, TrainArgs
-from .checkpointing import WriteFiles, save_training_checkpoint, step_dir
+from .checkpointing import WriteFiles, prune_step_checkpoints, save_training_checkpoint, step_dir
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
 from .runtime import reshard, unwrap
@@ -60,7 +61,7 @@ class FitSetup:
     total_steps: int
     write_files: WriteFiles  # what a checkpoint folder holds (see save_training_checkpoint)
     signals: StopSignals
-    resumed: bool = False  # metrics.jsonl keeps the lines up to the resumed step; a fresh run starts it anew
+    resumed_from: Path | None = None  # metrics.jsonl keeps its lines up to this checkpoint's step; keep_last keeps it
     trainable_only: bool = False  # step checkpoints gather only parameters with requires_grad
     loss_fn: LossFn = next_token_loss
     count_targets: CountFn = next_token_count
@@ -169,7 +170,7 @@ def fit(
     total = setup.total_steps
     signals = setup.signals
     precision = getattr(fabric, "litliger_precision", "32-true")
-    metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed else None)
+    metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed_from else None)
     throughput = Throughput(
         flops_per_token(setup.config, setup.seq_len), peak_flops(fabric.device, precision), fabric.world_size
     )
@@ -186,6 +187,30 @@ def fit(
             trainable_only=setup.trainable_only,
         )
         fabric.print(f"saved {path}")
+        return path
+
+    last_save = time.monotonic()
+
+    def periodic_save_due(at_log_point: bool) -> bool:
+        """Every ``train.save_interval`` steps, and at a log point once ``train.save_interval_minutes``
+        passed since the last save (rank 0's clock decides, so every rank saves at the same step)."""
+        if progress.step >= total:
+            return False  # final/ follows
+        if train.save_interval and progress.step % train.save_interval == 0:
+            return True
+        if not (train.save_interval_minutes and at_log_point):
+            return False
+        due = time.monotonic() - last_save >= 60 * train.save_interval_minutes
+        return bool(fabric.broadcast(due, src=0)) if fabric.world_size > 1 else due
+
+    def save_step() -> Path:
+        nonlocal last_save
+        path = save(step_dir(setup.out_dir, progress.step))
+        last_save = time.monotonic()
+        if train.keep_last and fabric.global_rank == 0:
+            keep = {setup.resumed_from} if setup.resumed_from else set()
+            for name in prune_step_checkpoints(setup.out_dir, train.keep_last, keep=keep):
+                fabric.print(f"removed {name} (train.keep_last={train.keep_last})")
         return path
 
     def run_validation() -> bool:
@@ -211,7 +236,7 @@ def fit(
 
     def stop_here(saved: Path | None = None) -> Path:
         bar.close()
-        path = saved or save(step_dir(setup.out_dir, progress.step))
+        path = saved or save_step()
         fabric.print(f"{signals.name or 'SIGTERM'}: stopped after step {progress.step}; resume with --resume auto")
         return path
 
@@ -278,9 +303,9 @@ def fit(
                 run_validation()
                 throughput.reset(progress.tokens)  # validation time is not training throughput
             saved = None
-            if train.save_interval and progress.step % train.save_interval == 0 and progress.step < total:
+            if periodic_save_due(at_log_point):
                 check_finite()
-                saved = save(step_dir(setup.out_dir, progress.step))
+                saved = save_step()
                 throughput.reset(progress.tokens)
             # checked after the periodic save: a signal that arrived during it stops the run at this step (saved
             # once), not after another step

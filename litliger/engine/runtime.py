@@ -113,7 +113,37 @@ def make_fabric(
         loggers=loggers,
     )
     fabric.litliger_precision = precision  # the precision asked for (FSDP applies it in setup_model)
+    join_elastic_group(accelerator)
     return fabric
+
+
+def join_elastic_group(accelerator: str, environ: dict[str, str] | None = None) -> bool:
+    """Under torchrun, create the process group on a store namespace of this restart attempt; returns
+    whether it did.
+
+    torchrun's static rendezvous keeps one store for all restarts, and the process group publishes each
+    rank's gloo/nccl address in it under fixed keys. After ``--max-restarts`` restarts a group, a rank can
+    read the address of the process that died and fail with "connection refused". A prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) gives every attempt fresh keys, on the static and the c10d rendezvous
+    alike. Fabric then finds the group initialised and uses it.
+    """
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not dist.is_available() or dist.is_initialized():
+        return False
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=default_pg_timeout)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    scoped = dist.PrefixStore(f"litliger/attempt-{attempt}", store)
+    backend = "nccl" if accelerator in ("cuda", "gpu") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    dist.init_process_group(
+        backend, store=scoped, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), timeout=default_pg_timeout
+    )
+    return True
 
 
 def is_fsdp(fabric: L.Fabric) -> bool:
