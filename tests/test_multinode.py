@@ -143,27 +143,35 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
     proc = subprocess.Popen(
         command, env=environment(workspace), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    first = out / f"step-{SAVE_EVERY:08d}"
+    # kill rank 1 while the second checkpoint is being written (its hidden temporary folder exists)
+    first, second = out / f"step-{SAVE_EVERY:08d}", out / f"step-{2 * SAVE_EVERY:08d}"
+    writing = out / f".{second.name}.tmp"
     deadline = time.monotonic() + 300
     while not first.is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    killed_at = time.monotonic()
     pid = worker_pid(out, rank=1)
     assert pid is not None
+    while not writing.is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.001)
     os.kill(pid, 9)
+    killed_at = time.monotonic()
+    published = second.is_dir()  # the save may just have finished between the check and the kill
     output = proc.communicate(timeout=600)[0]
     recovered_in = time.monotonic() - killed_at
     assert proc.returncode == 0, output
     resumed = [line for line in output.splitlines() if line.startswith("resumed from")]
     assert len(resumed) == 1, output
     resumed_step = int(resumed[0].split()[-1])
-    assert resumed_step >= SAVE_EVERY and resumed_step % SAVE_EVERY == 0
+    # the interrupted save left the previous checkpoint intact and was never picked up half-written
+    assert resumed_step == (2 * SAVE_EVERY if published else SAVE_EVERY), (published, output)
     assert losses(out) == reference  # the restarted group continues exactly: every step equals the straight run's
     assert find_resume_checkpoint(out).name == "final" and not [
         p for p in out.iterdir() if p.is_dir() and p.name[0] == "."
     ]
-    print(f"killed rank 1 after {first.name}; resumed at step {resumed_step}; done {recovered_in:.1f} s after the kill")
+    state = "after it was published" if published else "while it was written"
+    print(f"killed rank 1 at {second.name} {state}; resumed at step {resumed_step}; done {recovered_in:.1f} s later")
 
 
 def checkpoints(out: Path) -> list[str]:
