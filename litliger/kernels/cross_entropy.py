@@ -464,6 +464,65 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path as torch.compile sees it (see litliger/kernels/_custom_ops.py). The op gives per-row
+# losses; the reduction is plain PyTorch around it, so autograd hands the backward op the per-row gradient.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("litliger::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` per row of ``logits`` (..., V) for flat ``targets`` (rows,)."""
+    n_rows = targets.numel()
+    loss = torch.empty(n_rows, dtype=compute_dtype(logits), device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    cross_entropy_rows(logits, targets, loss, lse, ignore_index, label_smoothing, z_loss)
+    return loss, lse
+
+
+@_cross_entropy_op.register_fake
+def _(logits, targets, ignore_index, label_smoothing, z_loss):
+    n_rows = targets.numel()
+    return logits.new_empty(n_rows, dtype=compute_dtype(logits)), logits.new_empty(n_rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("litliger::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """``dloss[r] * dloss/dlogits`` in the shape and dtype of ``logits``."""
+    grad = torch.empty((targets.numel(), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+    cross_entropy_rows_grad(logits, targets, lse, dloss, grad, ignore_index, label_smoothing, z_loss)
+    return grad.view(logits.shape)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(logits, targets, lse, dloss, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape)
+
+
+def _cross_entropy_setup(ctx, inputs, output) -> None:
+    logits, targets, ignore_index, label_smoothing, z_loss = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.args = (ignore_index, label_smoothing, z_loss)
+
+
+def _cross_entropy_backward(ctx, dloss, _dlse):
+    logits, targets, lse = ctx.saved_tensors
+    return _cross_entropy_bwd_op(logits, targets, lse, dloss, *ctx.args), None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
 def cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -482,5 +541,8 @@ def cross_entropy(
     if targets.device != logits.device:
         raise ValueError(f"{op}: logits on {logits.device} and targets on {targets.device} must share a device")
     if use_triton(logits):
+        if torch.compiler.is_compiling():
+            loss, _ = _cross_entropy_op(logits, targets.reshape(-1), ignore_index, label_smoothing, z_loss)
+            return _reduce(loss.view(targets.shape), targets != ignore_index, reduction)
         return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
     return cross_entropy_torch(logits, targets, ignore_index, reduction, label_smoothing, z_loss)

@@ -185,6 +185,42 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor | None, dtype: torch.d
     return torch.mul(grad, grad_output, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
+def _flce_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk: int,
+    need: tuple[bool, bool, bool],
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(loss reduced, lse, grad_h, grad_w, grad_b)``; gradients (of ``need`` = hidden, weight, bias) are formed
+    here for "mean"/"sum" only: for "none" the per-row grad_output is not known yet."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, H): a view for the usual contiguous hidden state
+    t = targets.reshape(-1)  # (N,)
+    n = h.shape[0]
+    valid = t != ignore_index
+    scale_dtype = torch.float32 if triton else compute_dtype(weight)  # the twin keeps fp64 exact
+    if reduction == "mean":  # 1 / count on device: no host sync
+        row_scale = valid.sum().clamp(min=1).to(scale_dtype).reciprocal().expand(n)
+    else:
+        row_scale = t.new_ones((), dtype=scale_dtype).expand(n)
+    walk_need = (False, False, False) if reduction == "none" else need
+    loss, lse, grad_h, grad_w, grad_b = _flce_walk(
+        h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, row_scale, walk_need, triton=triton
+    )
+    return _reduce(loss.view(targets.shape), valid, reduction), lse, grad_h, grad_w, grad_b
+
+
+def _chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int | None, triton: bool) -> int:
+    n = hidden.numel() // hidden.shape[-1]
+    return chunk_size or default_chunk_size(n, hidden.shape[-1], weight.shape[0], hidden.element_size(), triton)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Fused LM head + cross-entropy (see the module docstring); ``triton`` False runs the PyTorch row twins."""
 
@@ -203,31 +239,19 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_enabled: bool,
         triton: bool = True,
     ) -> torch.Tensor:
-        # Reshaping to rows is a view for the usual contiguous hidden state (a matmul operand either way).
-        h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-        t = targets.reshape(-1)  # (N,)
-        n = h.shape[0]
-        chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0], h.element_size(), triton)
-        valid = t != ignore_index
+        chunk = _chunk_rows(hidden, weight, chunk_size, triton)
         # needs_input_grad says what the inputs require even under no_grad, where nothing will call backward.
         need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
         ctx.hidden_shape, ctx.args = hidden.shape, (ignore_index, reduction, label_smoothing, z_loss, chunk, triton)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        scale_dtype = torch.float32 if triton else compute_dtype(weight)  # the twin keeps fp64 exact
-        if reduction == "mean":  # 1 / count on device: no host sync
-            row_scale = valid.sum().clamp(min=1).to(scale_dtype).reciprocal().expand(n)
-        else:
-            row_scale = t.new_ones((), dtype=scale_dtype).expand(n)
-        # "none" cannot form gradients yet (grad_output is per row and unknown): backward recomputes them.
-        walk_need = (False, False, False) if reduction == "none" else need
-        loss, lse, grad_h, grad_w, grad_b = _flce_walk(
-            h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, row_scale, walk_need, triton=triton
+        loss, lse, grad_h, grad_w, grad_b = _flce_forward(
+            hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk, need, triton
         )
         if reduction == "none":
-            ctx.save_for_backward(h, weight, bias, t, lse)
+            ctx.save_for_backward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), lse)
         else:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return _reduce(loss.view(targets.shape), valid, reduction)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -250,6 +274,139 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dw = None if grad_w is None else _scaled(grad_w, go, weight_dtype)
         db = None if grad_b is None else _scaled(grad_b, go, bias_dtype)
         return dh, dw, None, db, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees, on both paths (``triton`` False: the PyTorch row twins, whose in-place chunk
+# walk dynamo cannot trace). See litliger/kernels/_custom_ops.py.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("litliger::fused_linear_cross_entropy", mutates_args=())
+def _flce_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, grad_h (N, H), grad_w, grad_b)``: gradients formed in forward ("mean"/"sum"; empty where not
+    needed), lse (N,) for the "none" backward."""
+    chunk = _chunk_rows(hidden, weight, chunk_size, triton)
+    need = (need_hidden, need_weight, need_bias)
+    loss, lse, gh, gw, gb = _flce_forward(
+        hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk, need, triton
+    )
+    return loss, lse, _or_empty(gh, hidden), _or_empty(gw, loss), _or_empty(gb, loss)
+
+
+@_flce_op.register_fake
+def _(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, nh, nw, nb, triton):
+    acc = compute_dtype(weight)
+    n, (vocab, size) = hidden.numel() // hidden.shape[-1], weight.shape
+    forms = reduction != "none"
+    loss = hidden.new_empty(targets.shape if reduction == "none" else (), dtype=acc)
+    lse = hidden.new_empty(n, dtype=torch.float32 if triton else acc)
+    grad_h = hidden.new_empty((n, size) if forms and nh else 0)
+    grad_w = hidden.new_empty((vocab, size) if forms and nw else 0, dtype=acc)
+    grad_b = hidden.new_empty(vocab if forms and nb else 0, dtype=acc)
+    return loss, lse, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("litliger::fused_linear_cross_entropy_bwd", mutates_args=())
+def _flce_bwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``reduction="none"``: ``(grad_h, grad_w, grad_b)`` of ``sum_r grad_rows[r] * loss_r`` from the saved lse,
+    in the dtypes of hidden, weight and bias (empty where not needed)."""
+    chunk = _chunk_rows(hidden, weight, chunk_size, triton)
+    h, t, need = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), (need_hidden, need_weight, need_bias)
+    _, _, gh, gw, gb = _flce_walk(
+        h, weight, bias, t, chunk, ignore_index, label_smoothing, z_loss, grad_rows.reshape(-1), need, lse, triton
+    )
+    gw = None if gw is None else gw.to(weight.dtype)
+    gb = None if gb is None else gb.to(bias.dtype)
+    return _or_empty(gh, hidden).view(hidden.shape if need_hidden else -1), _or_empty(gw, weight), _or_empty(gb, weight)
+
+
+@_flce_bwd_op.register_fake
+def _(hidden, weight, targets, bias, lse, grad_rows, ignore_index, label_smoothing, z_loss, chunk_size, nh, nw, nb, t):
+    grad_b = bias.new_empty(bias.shape) if nb else weight.new_empty(0)
+    return hidden.new_empty(hidden.shape if nh else 0), weight.new_empty(weight.shape if nw else 0), grad_b
+
+
+def _flce_setup(ctx, inputs, output) -> None:
+    hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size = inputs[:9]
+    ctx.args = (ignore_index, label_smoothing, z_loss, chunk_size)
+    ctx.reduction, ctx.triton, ctx.hidden_shape = reduction, inputs[12], hidden.shape
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _flce_backward(ctx, dloss, *_):
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+    if ctx.reduction == "none":
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        dh, dw, db = _flce_bwd_op(hidden, weight, targets, bias, lse, dloss, *ctx.args, *need, ctx.triton)
+    else:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        dh = (grad_h * dloss).to(grad_h.dtype).view(ctx.hidden_shape) if need[0] else None
+        dw = (grad_w * dloss).to(weight_dtype) if need[1] else None
+        db = (grad_b * dloss).to(bias_dtype) if need[2] else None
+    grads = [dh if need[0] else None, dw if need[1] else None, None, db if need[2] else None]
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_flce_op.register_autograd(_flce_backward, setup_context=_flce_setup)
+
+
+def _compiled_flce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int | None,
+    triton: bool,
+) -> torch.Tensor:
+    grad = torch.is_grad_enabled()
+    need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss = _flce_op(
+        hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, *need, triton
+    )[0]
+    return loss
 
 
 def _check(
@@ -312,7 +469,12 @@ def fused_linear_cross_entropy(
                 hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
             )
     _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, ignore_index, chunk_size)
-    if use_triton(hidden):
+    triton = use_triton(hidden)
+    if torch.compiler.is_compiling():
+        return _compiled_flce(
+            hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, triton
+        )
+    if triton:
         return FusedLinearCrossEntropyFunction.apply(
             hidden,
             weight,

@@ -297,6 +297,50 @@ class GeGLUFunction(torch.autograd.Function):
         return dgate, dup, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path as torch.compile sees it (see litliger/kernels/_custom_ops.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("litliger::glu", mutates_args=())
+def _glu_op(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+    """``act(gate) * up`` with activation id ``activation`` (silu 0, gelu-tanh 1, gelu-erf 2)."""
+    return _glu_fwd(gate, up, activation)
+
+
+@_glu_op.register_fake
+def _(gate, up, activation):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("litliger::glu_bwd", mutates_args=())
+def _glu_bwd_op(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d_gate, d_up)``."""
+    return _glu_bwd(dy, gate, up, activation)
+
+
+@_glu_bwd_op.register_fake
+def _(dy, gate, up, activation):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _glu_setup(ctx, inputs, output) -> None:
+    gate, up, activation = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+
+
+def _glu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _glu_bwd_op(dy, gate, up, ctx.activation)
+    return dgate, dup, None
+
+
+_glu_op.register_autograd(_glu_backward, setup_context=_glu_setup)
+
+
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
     check_float("gate", gate, op)
     check_float("up", up, op)
@@ -310,6 +354,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` elementwise."""
     _check("swiglu", gate, up)
     if use_triton(gate):
+        if torch.compiler.is_compiling():
+            return _glu_op(gate, up, _SILU.value)
         return SwiGLUFunction.apply(gate, up)
     return swiglu_torch(gate, up)
 
@@ -320,5 +366,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"geglu: approximate={approximate!r}; choose one of {GELU_APPROXIMATIONS}")
     if use_triton(gate):
+        if torch.compiler.is_compiling():
+            return _glu_op(gate, up, _GELU_IDS[approximate])
         return GeGLUFunction.apply(gate, up, approximate)
     return geglu_torch(gate, up, approximate)

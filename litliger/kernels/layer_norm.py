@@ -328,6 +328,64 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dw, db, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path as torch.compile sees it (see litliger/kernels/_custom_ops.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("litliger::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``."""
+    _, y, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
+    return y.view(x.shape), mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("litliger::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; a parameter gradient not asked for is empty."""
+    dx, dw, db = layer_norm_bwd(dy, as_rows(x), weight, bias, mean, rstd, compute_dw, compute_db)
+    return dx.view(x.shape), weight.new_empty(0) if dw is None else dw, weight.new_empty(0) if db is None else db
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, compute_dw, compute_db):
+    db = bias.new_empty(bias.shape) if compute_db else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if compute_dw else 0), db
+
+
+def _layer_norm_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    compute_dw, compute_db = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, bias, mean, rstd, compute_dw, compute_db)
+    return dx, dw if compute_dw else None, db if compute_db else None, None
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x``; ``bias`` may be None."""
     op = "layer_norm"
@@ -338,5 +396,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check_vector(op, "bias", bias, x.shape[-1], "x")
     check_same_device(op, x=x, weight=weight, bias=bias)
     if use_triton(x):
+        if torch.compiler.is_compiling():
+            return _layer_norm_op(x, weight, bias, eps)[0]
         return LayerNormFunction.apply(x, weight, bias, eps)
     return layer_norm_torch(x, weight, bias, eps)

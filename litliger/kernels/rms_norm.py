@@ -423,6 +423,66 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx, dx, dw, None, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path as torch.compile sees it (litliger/kernels/_custom_ops.py says why eager skips them)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("litliger::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, s, rstd)``; s is empty without a residual."""
+    y, s, rstd = rms_norm_fwd(x, residual, weight, eps, offset)
+    return y.view(x.shape), x.new_empty(0) if s is None else s.view(x.shape), rstd
+
+
+@_rms_norm_op.register_fake
+def _(x, residual, weight, eps, offset):
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty(0 if residual is None else x.shape), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("litliger::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: torch.Tensor,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
+    ds: torch.Tensor | None,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)``; dweight is empty unless ``compute_dw``."""
+    dx, dw = rms_norm_bwd(dy, as_rows(s), weight, rstd, offset, ds, compute_dw)
+    return dx.view(s.shape), weight.new_empty(0) if dw is None else dw
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, s, weight, rstd, offset, ds, compute_dw):
+    return s.new_empty(s.shape), weight.new_empty(weight.shape if compute_dw else 0)
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, residual, weight, _, offset = inputs
+    _, s, rstd = output
+    ctx.save_for_backward(x if residual is None else s, weight, rstd)
+    ctx.offset, ctx.has_residual = offset, residual is not None
+
+
+def _rms_norm_backward(ctx, dy, ds, _drstd):
+    saved, weight, rstd = ctx.saved_tensors
+    ds = ds if ctx.has_residual else None
+    if dy is None:  # only s was used: the add passes its gradient through
+        return ds, ds, None, None, None
+    dx, dw = _rms_norm_bwd_op(dy, saved, weight, rstd, ctx.offset, ds, ctx.needs_input_grad[2])
+    dw = dw if ctx.needs_input_grad[2] else None
+    return dx, dx if ctx.has_residual else None, dw, None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
     check_float("x", x, op)
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -438,6 +498,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     """RMS-normalise the last dimension of ``x`` and scale by ``offset + weight``."""
     _check("rms_norm", x, weight)
     if use_triton(x):
+        if torch.compiler.is_compiling():
+            return _rms_norm_op(x, None, weight, eps, offset)[0]
         return RMSNormFunction.apply(x, weight, eps, offset)
     return rms_norm_torch(x, weight, eps, offset)
 
@@ -448,5 +510,8 @@ def add_rms_norm(
     """``s = x + residual`` and ``rms_norm(s)`` in one pass; returns ``(y, s)``."""
     _check("add_rms_norm", x, weight, residual)
     if use_triton(x):
+        if torch.compiler.is_compiling():
+            y, s, _ = _rms_norm_op(x, residual, weight, eps, offset)
+            return y, s
         return AddRMSNormFunction.apply(x, residual, weight, eps, offset)
     return add_rms_norm_torch(x, residual, weight, eps, offset)

@@ -267,6 +267,12 @@ def _rope_launch(
     return q_out, k_out
 
 
+_NO_TABLE_GRAD = (
+    "rope: the Triton kernel does not differentiate with respect to cos/sin (rotary caches are "
+    "buffers); pass cos.detach() and sin.detach(), or use the torch backend"
+)
+
+
 class RoPEFunction(torch.autograd.Function):
     """Autograd wrapper of the rotary kernel: saves only cos and sin; the backward is the transposed rotation."""
 
@@ -275,10 +281,7 @@ class RoPEFunction(torch.autograd.Function):
         ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            raise ValueError(
-                "rope: the Triton kernel does not differentiate with respect to cos/sin (rotary caches are "
-                "buffers); pass cos.detach() and sin.detach(), or use the torch backend"
-            )
+            raise ValueError(_NO_TABLE_GRAD)
         ctx.save_for_backward(cos, sin)
         return _rope_launch(q, k, cos, sin, backward=False)
 
@@ -294,6 +297,38 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         dq, dk = _rope_launch(dq_out, dk_out, cos, sin, backward=True)
         return dq, dk, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom op: the Triton path as torch.compile sees it (see litliger/kernels/_custom_ops.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("litliger::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation (or with ``backward`` its transpose) of q and k, outputs laid out as (B, T, heads, hs)."""
+    return _rope_launch(q, k, cos, sin, backward)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, backward):
+    return _empty_bthd(q), _empty_bthd(k)
+
+
+def _rope_setup(ctx, inputs, output) -> None:
+    _, _, cos, sin, _ = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rope_op(dq_out, dk_out, cos, sin, True)
+    return dq, dk, None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -322,5 +357,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """Apply rotary embeddings to ``q`` and ``k``; returns new tensors ``(q_out, k_out)``."""
     _check(q, k, cos, sin)
     if use_triton(q):
+        if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+                raise ValueError(_NO_TABLE_GRAD)
+            return _rope_op(q, k, cos, sin, False)
         return RoPEFunction.apply(q, k, cos, sin)
     return rope_torch(q, k, cos, sin)
