@@ -93,6 +93,7 @@ def setup(
     logger: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 42,
     sample: SampleArgs = SampleArgs(),
+    compile: bool = False,
 ) -> Path | None:
     """Finetune a checkpoint on instruction data.
 
@@ -105,6 +106,7 @@ def setup(
         data: instruction data (``litliger.data.Instructions``); default the embedded ``PythonDocstrings``.
         train: ``train.epochs`` or ``train.max_steps``; ``train.trainable`` trains more parameters by name.
         sample: ``sample.max_new_tokens > 0``: answer a held-out instruction at the end of the run.
+        compile: run the model under ``torch.compile`` (off by default; the first steps pay for compiling).
     """
     if checkpoint_dir is None:
         raise ValueError("no base checkpoint given, in --checkpoint_dir; name the checkpoint folder to finetune")
@@ -137,6 +139,7 @@ def setup(
         optimizer_args=optimizer,
         seed=seed,
         sample=sample,
+        compile=compile,
     )
 
 
@@ -163,6 +166,7 @@ def main(
     optimizer_args: OptimizerArgs,
     seed: int,
     sample: SampleArgs,
+    compile: bool = False,
 ) -> Path | None:
     if not isinstance(data, Instructions):
         raise ValueError(
@@ -215,7 +219,7 @@ def main(
             if resume_dir is not None:
                 load_tensors(model, resume_dir / TRAINABLE_FILE, expected=set(trainable))
 
-        model = setup_model(fabric, build, seed=seed, resuming=resume_dir is not None, load=load)
+        model = setup_model(fabric, build, seed=seed, resuming=resume_dir is not None, load=load, compile=compile)
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
         progress, loader_state = restore_progress(fabric, resume_dir, model=model, optimizer=optimizer)
 

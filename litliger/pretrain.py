@@ -52,6 +52,7 @@ def setup(
     logger: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 42,
     sample: SampleArgs = SampleArgs(),
+    compile: bool = False,
 ) -> Path:
     """Pretrain a model.
 
@@ -67,6 +68,7 @@ def setup(
         tokenizer_dir: a folder with tokenizer.json; default the checkpoint's, else a byte-level BPE trained
             on the training data with the model's vocab_size.
         seed: seeds weight init (per parameter name), data order and every RNG.
+        compile: run the model under ``torch.compile`` (off by default; the first steps pay for compiling).
     """
     out_dir = Path(out_dir)
     fabric = make_fabric(
@@ -91,6 +93,7 @@ def setup(
         tokenizer_dir=tokenizer_dir,
         seed=seed,
         sample=sample,
+        compile=compile,
     )
 
 
@@ -123,6 +126,7 @@ def main(
     tokenizer_dir: Path | None,
     seed: int,
     sample: SampleArgs,
+    compile: bool = False,
 ) -> Path:
     seq_len = train.max_seq_length or config.block_size
     if seq_len > config.block_size:
@@ -153,6 +157,7 @@ def main(
             seed=seed,
             resuming=resume_dir is not None,
             load=(lambda m: load_model_weights(m, load_from)) if load_from is not None else None,
+            compile=compile,
         )
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
         progress, loader_state = restore_progress(fabric, resume_dir, model=model, optimizer=optimizer)

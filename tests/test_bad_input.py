@@ -97,6 +97,8 @@ ROWS = [
     flag("num_nodes", "0", r"^num_nodes=0 must be an integer >= 1, in --num_nodes"),
     flag("accelerator", "tpu", r"^got tpu, expected one of 'auto', 'cpu', 'cuda', 'gpu', in --accelerator; ", USAGE),
     flag("model_name", "llama-9000", r"^unknown model name 'llama-9000', in --model_name; "),
+    flag("compile", "maybe", r"^got maybe, expected bool, in --compile; see `litliger pretrain --help`$", USAGE),
+    flag("compile", "maybe", r"^got maybe, expected bool, in --compile; see `litliger finetune --help`$", USAGE, FINETUNE),
     pytest.param(
         ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}"],
         r"^how long to train is not set, in --train\.max_steps / --train\.max_tokens; ",

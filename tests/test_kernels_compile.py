@@ -164,3 +164,16 @@ def test_triton_path_traces_forward_and_backward_on_meta_tensors() -> None:
     fwd, bwd = graphs
     assert LLAMA_FWD <= _litliger_nodes(fwd)
     assert {"rms_norm_bwd", "rope", "glu_bwd"} <= _litliger_nodes(bwd)
+
+
+def test_setup_model_compiles_in_place() -> None:
+    """``--compile``: the engine compiles the model in place, so parameter names (checkpoints) do not change."""
+    from litliger.engine import make_fabric, setup_model, unwrap
+
+    fabric = make_fabric(accelerator="cpu")
+    config = Config.from_name("debug-llama", n_layer=1)
+    model = setup_model(fabric, lambda: GPT(config), seed=0, resuming=False, compile=True)
+    assert unwrap(model)._compiled_call_impl is not None
+    assert next(iter(unwrap(model).state_dict())) == "transformer.wte.weight"
+    plain = setup_model(fabric, lambda: GPT(config), seed=0, resuming=False)
+    assert unwrap(plain)._compiled_call_impl is None

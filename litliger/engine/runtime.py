@@ -171,12 +171,15 @@ def setup_model(
     seed: int,
     resuming: bool,
     load: Callable[[nn.Module], None] | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """Build, shard (FSDP), materialise, initialise and load a model; returns it set up by Fabric.
 
     ``build`` runs under the meta device (it also decides which parameters are frozen). ``load(model)``
     fills the materialised, initialised model from files (shard-aware). ``resuming``: every parameter
-    comes from ``load``, so only buffers are initialised.
+    comes from ``load``, so only buffers are initialised. ``compile``: ``torch.compile`` the model in place
+    (``Module.compile``: parameter names, and so checkpoints, unchanged); litliger's fused ops are custom ops
+    that it traces through (litliger/kernels/_custom_ops.py).
     """
     with torch.device("meta"):
         model = build()
@@ -192,6 +195,8 @@ def setup_model(
         raise ValueError("resuming needs a checkpoint to load the weights from")
     if not is_fsdp(fabric):
         assert_replicas_identical(model)
+    if compile:
+        model.compile()
     return fabric.setup_module(model)
 
 
