@@ -66,6 +66,8 @@ class CausalSelfAttention(nn.Module):
         if step is None:
             if rope is not None and self.rotary:
                 q, k = rope(q, k)
+                # q and k are new tensors now; a view of v would keep the whole qkv output alive for backward
+                v = v.contiguous()
             mask = self._mask(T, q.device)
         else:  # decoding: this step's positions, then attend to every cached slot so far
             if step.cos is not None and self.rotary:
