@@ -8,6 +8,8 @@ What is recorded is what would launch: the block sizes, warps and constexprs com
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import Config
@@ -84,27 +86,36 @@ def mlp_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: i
     _grad((y,), [gate, up])
 
 
-def loss_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: int) -> None:
-    """The LM head's loss: fused linear cross-entropy ("mean": gradients in forward; "none": in backward), and
-    the standalone cross-entropy on (rows, vocab) logits."""
-    V, H = c.padded_vocab_size, c.n_embd
-    h, w = _leaf(rows, H, dtype=dtype, device=device), _leaf(V, H, dtype=dtype, device=device)
+def flce_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: int) -> None:
+    """The LM head's loss: fused linear cross-entropy ("mean": gradients in forward; "none": in backward)."""
+    h, w = (
+        _leaf(rows, c.n_embd, dtype=dtype, device=device),
+        _leaf(c.padded_vocab_size, c.n_embd, dtype=dtype, device=device),
+    )
     targets = torch.randint(0, c.vocab_size, (rows,), device=device)
     for reduction in ("mean", "none"):
         _grad((fused_linear_cross_entropy(h, w, targets, reduction=reduction),), [h, w])
-    logits = _leaf(rows, V, dtype=dtype, device=device)
-    _grad((cross_entropy(logits, targets),), [logits])
 
 
-CALLS = (norm_calls, rope_calls, mlp_calls, loss_calls)
+def ce_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: int) -> None:
+    """The standalone cross-entropy on (rows, vocab) logits."""
+    logits = _leaf(rows, c.padded_vocab_size, dtype=dtype, device=device)
+    _grad((cross_entropy(logits, torch.randint(0, c.vocab_size, (rows,), device=device)),), [logits])
+
+
+CALLS = (norm_calls, rope_calls, mlp_calls, flce_calls, ce_calls)
 
 
 def config_plans(
-    config: Config, dtype: torch.dtype, device: torch.device | str = "meta", rows: int = BATCH * SEQ
+    config: Config,
+    dtype: torch.dtype,
+    device: torch.device | str = "meta",
+    rows: int = BATCH * SEQ,
+    calls: tuple[Callable[..., None], ...] = CALLS,
 ) -> list[LaunchPlan]:
     """Every kernel launch of a training step of ``config`` in ``dtype`` (one layer's worth: the layers repeat)."""
     with use_backend("triton"), capture_launches() as plans:
-        for call in CALLS:
+        for call in calls:
             call(config, dtype, device, rows)
     return plans
 
