@@ -4,6 +4,7 @@ Per kernel, one row with four variants on the same inputs:
 
 - ``triton``:   the litliger op on backend ``triton`` (CUDA only; on a CPU see ``--interpreter`` below)
 - ``eager``:    the ``*_torch`` twin in eager PyTorch (the baseline)
+- ``triton_compiled``: the litliger op on backend ``triton`` under ``torch.compile`` (its custom ops; CUDA only)
 - ``compiled``: the twin under ``torch.compile`` (a failed compile is reported in its cell)
 - ``liger``:    liger-kernel's functional op, when liger-kernel is installed (CUDA only)
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ (bench_flce
 import bench_flce_memory as flce_memory  # noqa: E402
 
 MIB = 2**20
-VARIANTS = ("triton", "eager", "compiled", "liger")
+VARIANTS = ("triton", "triton_compiled", "eager", "compiled", "liger")
 
 # Shapes per preset. gpu: Llama-3-8B-like (8192 tokens = B 4 x T 2048, hidden 4096, heads 32/8 x 128, MLP 14336,
 # vocab 128256) in bf16. cpu: small enough that eager + compiled for all kernels take a few minutes on 2 cores.
@@ -282,6 +283,15 @@ def variant_fn(problem: Problem, variant: str, K: ModuleType) -> Callable[..., A
                 return problem.ours(*leaves)
 
         return on_triton
+    if variant == "triton_compiled":
+        torch.compiler.reset()
+        compiled = torch.compile(problem.ours, dynamic=False)
+
+        def compiled_on_triton(*leaves: torch.Tensor) -> Any:
+            with K.use_backend("triton"):
+                return compiled(*leaves)
+
+        return compiled_on_triton
     if variant == "eager":
         return problem.twin
     if variant == "compiled":
@@ -423,11 +433,12 @@ def _cell(m: dict[str, Any] | None, key: str) -> str:
 
 def print_table(rows: list[dict], device: torch.device, liger_note: str, triton_note: str) -> None:
     """One line per kernel; the peak-memory columns only on GPU (where they are measured)."""
-    head = ["kernel", "shape", "dtype", "triton ms", "eager ms", "compiled ms", "liger ms", "triton x", "compile x"]
-    fmt = "{:<26} {:<42} {:<8} {:>13} {:>13} {:>13} {:>13} {:>8} {:>9}"
+    head = ["kernel", "shape", "dtype", "triton ms", "triton+c ms", "eager ms", "compiled ms", "liger ms"]
+    head += ["triton x", "compile x"]
+    fmt = "{:<26} {:<42} {:<8} {:>13} {:>13} {:>13} {:>13} {:>13} {:>8} {:>9}"
     if device.type == "cuda":
-        head += ["MiB triton", "MiB eager", "MiB compiled", "MiB liger"]
-        fmt += " {:>10} {:>9} {:>12} {:>9}"
+        head += ["MiB triton", "MiB triton+c", "MiB eager", "MiB compiled", "MiB liger"]
+        fmt += " {:>10} {:>12} {:>9} {:>12} {:>9}"
     print(fmt.format(*head))
     for r in rows:
         ms = {v: r[v].get("ms") for v in VARIANTS if v in r}
@@ -437,7 +448,9 @@ def print_table(rows: list[dict], device: torch.device, liger_note: str, triton_
             liger_cell = "no such op"
         speed_t = f"{ms['eager'] / ms['triton']:.2f}" if ms.get("triton") and ms.get("eager") else "-"
         speed_c = f"{ms['eager'] / ms['compiled']:.2f}" if ms.get("compiled") and ms.get("eager") else "-"
-        cells = [r["kernel"], r["shape"], r["dtype"], triton_cell, _cell(r["eager"], "ms"), _cell(r["compiled"], "ms")]
+        triton_c = _cell(r["triton_compiled"], "ms") if "triton_compiled" in r else triton_note
+        cells = [r["kernel"], r["shape"], r["dtype"], triton_cell, triton_c, _cell(r["eager"], "ms")]
+        cells += [_cell(r["compiled"], "ms")]
         cells += [liger_cell, speed_t, speed_c]
         if device.type == "cuda":
             cells += [_cell(r.get(v), "peak_mib") for v in VARIANTS]
@@ -526,7 +539,7 @@ def main() -> None:
     print(f"command: {' '.join([sys.executable] + sys.argv)}")
 
     if on_gpu:
-        variants = VARIANTS if L is not None else ("triton", "eager", "compiled")
+        variants = VARIANTS if L is not None else ("triton", "triton_compiled", "eager", "compiled")
         rows = bench_table(K, L, device, torch.bfloat16, "gpu", args.kernels, variants, args.reps)
         interp = []
     else:

@@ -10,7 +10,9 @@ engine) and the process's peak RSS on CPU (also logged by the engine).
     python scripts/bench_pretrain.py --model_name Llama-3.2-1B --steps 40 --seq 2048 --micro_batch 4  # GPU
 
 On a CPU, ``auto`` resolves to the twins too (Triton kernels are GPU code), so both rows measure the same
-path; the comparison is meaningful on a GPU.
+path; the comparison is meaningful on a GPU. ``auto+compile`` runs the recipe with ``--compile true``
+(torch.compile through litliger's custom ops); its first interval, which holds the compilation, is skipped
+like every backend's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def write_corpus(root: Path, n_files: int = 64, words: int = 4000) -> None:
 
 
 def run_backend(backend: str, args: argparse.Namespace, corpus: Path, work: Path) -> dict:
-    out = work / f"out-{backend}"
+    """``backend``: ``auto``, ``triton`` or ``torch``, with ``+compile`` for a run under ``--compile true``."""
+    kernels, _, compiled = backend.partition("+")
+    out = work / f"out-{kernels}-{compiled or 'eager'}"
     cmd = [
         sys.executable, "-m", "litliger", "pretrain",
         "--model_name", args.model_name,
@@ -57,7 +61,9 @@ def run_backend(backend: str, args: argparse.Namespace, corpus: Path, work: Path
     ]  # fmt: skip
     if args.precision:
         cmd += ["--precision", args.precision]
-    env = {**os.environ, "LITLIGER_KERNELS": backend, "LITLIGER_CACHE": str(work / "cache")}
+    if compiled:
+        cmd += ["--compile", "true"]
+    env = {**os.environ, "LITLIGER_KERNELS": kernels, "LITLIGER_CACHE": str(work / "cache")}
     start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
@@ -84,7 +90,7 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--log_interval", type=int, default=5)
     parser.add_argument("--precision", default=None)
-    parser.add_argument("--backends", default="auto,torch")
+    parser.add_argument("--backends", default="auto,torch,auto+compile", help="+compile: under --compile true")
     parser.add_argument("--out", default="bench_pretrain.json")
     args = parser.parse_args()
 
@@ -95,12 +101,14 @@ def main() -> None:
         work = Path(tmp)
         write_corpus(work / "corpus")
         rows = [run_backend(b, args, work / "corpus", work) for b in args.backends.split(",")]
-    print(f"{args.model_name}, seq {args.seq}, micro batch {args.micro_batch}, {args.steps} steps on {device}, "
-          f"torch {torch.__version__}")
-    print(f"{'backend':8s} {'tokens/s':>10s} {'MFU':>6s} {'peak MiB':>9s}  memory")
+    print(
+        f"{args.model_name}, seq {args.seq}, micro batch {args.micro_batch}, {args.steps} steps on {device}, "
+        f"torch {torch.__version__}"
+    )
+    print(f"{'backend':13s} {'tokens/s':>10s} {'MFU':>6s} {'peak MiB':>9s}  memory")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"{r['backend']:8s} {r['tokens_per_sec']:10.0f} {mfu:>6s} {r['peak_mem_mib']:9.0f}  {r['memory_kind']}")
+        print(f"{r['backend']:13s} {r['tokens_per_sec']:10.0f} {mfu:>6s} {r['peak_mem_mib']:9.0f}  {r['memory_kind']}")
     Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
