@@ -326,6 +326,17 @@ def measure(problem: Problem, variant: str, K: ModuleType, device: torch.device,
             torch.cuda.empty_cache()
 
 
+def min_bytes(problem: Problem) -> int:
+    """The least traffic of forward + backward: forward reads the leaves and writes the outputs, backward reads
+    the leaves again and the outputs' gradients, and writes the leaves' gradients (3 x leaves + 2 x outputs).
+    GB/s figures divide this by the time."""
+    with torch.no_grad():
+        out = problem.twin(*problem.leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))  # noqa: E731
+    return 3 * size(problem.leaves) + 2 * size(outs)
+
+
 def bench_table(
     K: ModuleType,
     L: ModuleType | None,
@@ -342,6 +353,7 @@ def bench_table(
         torch.manual_seed(0)
         problem = CASES[kernel](K, L, SHAPES[preset], device, dtype)
         row: dict[str, Any] = {"kernel": kernel, "shape": problem.shape, "dtype": str(dtype).removeprefix("torch.")}
+        row["min_bytes"] = min_bytes(problem)
         for variant in variants:
             row[variant] = measure(problem, variant, K, device, reps)
             print(f"  {kernel:<27} {variant:<9} {_cell(row[variant], 'ms')}", flush=True)
@@ -516,6 +528,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="CPU: timed repetitions per variant (median)")
     parser.add_argument("--kernels", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--skip-memory", action="store_true", help="skip the fused-vs-naive loss memory check")
+    parser.add_argument("--tiny-only", action="store_true", help="CPU: only the interpreter table (a smoke run)")
     parser.add_argument("--out", default="bench_kernels.json")
     args = parser.parse_args()
 
@@ -543,7 +556,12 @@ def main() -> None:
         rows = bench_table(K, L, device, torch.bfloat16, "gpu", args.kernels, variants, args.reps)
         interp = []
     else:
-        rows = bench_table(K, None, device, torch.float32, "cpu", args.kernels, ("eager", "compiled"), args.reps)
+        variants = ("eager", "compiled")
+        rows = (
+            []
+            if args.tiny_only
+            else bench_table(K, None, device, torch.float32, "cpu", args.kernels, variants, args.reps)
+        )
         tiny = ("triton", "eager")
         interp = bench_table(K, None, device, torch.float32, "tiny", args.kernels, tiny, 3) if args.interpreter else []
     memory = [] if args.skip_memory else flce_memory_check(device, args.interpreter, L is not None)
