@@ -152,9 +152,7 @@ def base_parameter_names(model: GPT) -> set[str]:
     return {name for name, _ in model.named_parameters() if name not in lora}
 
 
-def load_finetuned(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> GPT:
+def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
     """Load a finetuning step folder as base + trainable tensors (unmerged), after checking that the base
     file is the one the run trained on."""
     folder = Path(folder)

@@ -2,6 +2,7 @@
 
 Run: python scripts/convert_parity.py  (needs the test extra: transformers)
 """
+
 import os
 import sys
 import tempfile

@@ -168,8 +168,10 @@ def _fsdp_worker(rank: int, world: int, port: int, config: Config, out: str) -> 
     init_weights(model, seed=11)
     local = {n: p.to_local().clone() for n, p in model.named_parameters()}
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
-    torch.save({"local": local, "full": full, "rows": {n: p.to_local().shape[0] for n, p in model.named_parameters()}},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"local": local, "full": full, "rows": {n: p.to_local().shape[0] for n, p in model.named_parameters()}},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
