@@ -56,6 +56,11 @@ class Traffic:
         return {"loaded": loaded, "stored": stored, "moved": loaded + stored, "minimum": loaded_min + stored_min}
 
 
+def _addresses(ptrs, mask) -> np.ndarray:
+    """The addresses a masked access touches (the interpreter's masks may be 0/1 integers: cast to bool)."""
+    return ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)].astype(np.uint64)
+
+
 @contextmanager
 def count_traffic() -> Iterator[Traffic]:
     """Record every load and store the interpreter runs inside the block."""
@@ -67,12 +72,12 @@ def count_traffic() -> Iterator[Traffic]:
 
     def counted_load(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
         size = interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize
-        traffic.loads.append((ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)].astype(np.uint64), size))
+        traffic.loads.append((_addresses(ptrs, mask), size))
         return load(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
 
     def counted_store(self, ptrs, value, mask, cache_modifier, eviction_policy):
         size = interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize
-        traffic.stores.append((ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)].astype(np.uint64), size))
+        traffic.stores.append((_addresses(ptrs, mask), size))
         return store(self, ptrs, value, mask, cache_modifier, eviction_policy)
 
     builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
