@@ -266,4 +266,3 @@ def main(
         if sample.max_new_tokens > 0 and path.name == "final":
             print_response(fabric, model, tokenizer, style, held_out[0].messages, sample, seq_len=seq_len, seed=seed)
     return path
-
