@@ -126,9 +126,10 @@ def stream(
     x, context, pos = idx, idx, input_pos
     for _ in range(max_new_tokens):
         if input_pos is None:
-            logits = model(context if max_seq_length is None else context[:, -max_seq_length:])[:, -1]
+            window = context if max_seq_length is None else context[:, -max_seq_length:]
+            logits = model(window, last_only=True)[:, -1]
         else:
-            logits = model(x, input_pos=pos, left_pad=left_pad)[:, -1]  # (B, padded_vocab)
+            logits = model(x, input_pos=pos, left_pad=left_pad, last_only=True)[:, -1]  # (B, padded_vocab)
         if vocab_size is not None:
             logits = logits[:, :vocab_size]
         token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -241,15 +241,20 @@ class GPT(nn.Module):
         *,
         input_pos: int | None = None,
         left_pad: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, padded_vocab), or with ``targets`` the cross-entropy over targets != -100
-        (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``).
+        (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``). ``last_only``: the
+        logits of the last position only, (B, 1, padded_vocab): what decoding needs (a prompt's prefill then
+        skips T - 1 rows of the head).
 
         With ``input_pos`` (an int) the T tokens are the cache slots input_pos..input_pos+T-1: their keys and
         values are stored, and they attend to every earlier slot (the prompt in one forward, then one token
         per call). ``left_pad`` (B,) is the number of padding slots at the start of each row.
         """
         x = self.hidden_states(idx, input_pos=input_pos, left_pad=left_pad)
+        if last_only and targets is None:
+            x = x[:, -1:]
         weight, bias = self.head()
         if self.lm_head is not None and self.lm_head.lora_a is not None:
             x, weight = self.lm_head.fold_lora(x)  # (B, T, C + r), (V, C + r): logits and loss include LoRA
