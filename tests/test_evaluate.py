@@ -105,3 +105,43 @@ def test_lm_eval_model(base):
     assert rolling < score
     [text] = lm.generate_until([request("generate_until", ("alpha", {"until": ["\n"], "max_gen_toks": 5}))])
     assert "\n" not in text
+
+
+def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
+    """``lm_eval.simple_evaluate`` on a multiple-choice task written here (local JSON, nothing downloaded):
+    its accuracy is the one the model's own log-likelihoods give."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from litliger.evaluate import LitligerLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    docs = [
+        {"question": "alpha beta", "choices": ["gamma", "delta"], "label": 0},
+        {"question": "beta gamma", "choices": ["delta", "alpha"], "label": 0},
+        {"question": "gamma delta", "choices": ["alpha", "epsilon"], "label": 1},
+        {"question": "delta epsilon", "choices": ["zeta", "beta", "eta"], "label": 2},
+    ]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny.yaml").write_text(
+        "task: litliger_tiny\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tiny.jsonl'}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+        "    aggregation: mean\n    higher_is_better: true\n"
+    )
+    lm = LitligerLM(checkpoint_dir=base, device="cpu")
+    tasks = TaskManager(include_path=str(tmp_path))
+    results = lm_eval.simple_evaluate(model=lm, tasks=["litliger_tiny"], task_manager=tasks, log_samples=True)
+    model = GPT.from_checkpoint(base).eval()
+
+    def scores(doc: dict) -> list[float]:  # log P(" " + choice | question): lm_eval's default delimiter
+        return [continuation_logprob(model, *lm._split(doc["question"], " " + c))[0] for c in doc["choices"]]
+
+    for sample in results["samples"]["litliger_tiny"]:  # every request lm_eval made, scored as the model does
+        assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(scores(docs[sample["doc_id"]]), rel=1e-5)
+    best = [max(range(len(d["choices"])), key=scores(d).__getitem__) for d in docs]
+    expected = sum(b == d["label"] for b, d in zip(best, docs, strict=True)) / len(docs)
+    assert results["results"]["litliger_tiny"]["acc,none"] == pytest.approx(expected)
