@@ -7,6 +7,9 @@ Per kernel, one row with four variants on the same inputs:
 - ``triton_compiled``: the litliger op on backend ``triton`` under ``torch.compile`` (its custom ops; CUDA only)
 - ``compiled``: the twin under ``torch.compile`` (a failed compile is reported in its cell)
 - ``liger``:    liger-kernel's functional op, when liger-kernel is installed (CUDA only)
+- ``litgpt``:   what LitGPT's own modules compute for the op (``litgpt.model.RMSNorm``, ``apply_rope``, the MLPs'
+                ``silu(a) * b`` / ``gelu(a) * b``, ``nn.LayerNorm``, ``litgpt.utils.chunked_cross_entropy`` on the
+                full logits), when LitGPT is installed (``pip install --no-deps litgpt psutil``); any device
 
 Time: forward + backward, i.e. ``torch.autograd.grad`` of the outputs with a fixed random gradient (of the loss
 for the two losses). GPU: ``triton.testing.do_bench`` (warm-up, then the median). CPU: the median of
@@ -16,6 +19,8 @@ Peak memory: ``torch.cuda.max_memory_allocated`` minus what was allocated before
 the fused linear cross-entropy gets a memory figure, from :func:`bench_flce_memory.peak_memory_mib` (a fresh
 subprocess per variant, peak RSS): fused against the naive ``F.cross_entropy(hidden @ W.T)`` at 4096 tokens,
 hidden 1024, vocab 65536, fp32.
+
+``vs litgpt``: LitGPT's time over litliger's (the Triton op on a GPU, the twin on a CPU); above 1, litliger is faster.
 
 Criteria (PASS/FAIL printed at the end):
   CPU: the fused loss (default backend) peaks at <= 25% of the naive one.
@@ -45,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -54,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ (bench_flce
 import bench_flce_memory as flce_memory  # noqa: E402
 
 MIB = 2**20
-VARIANTS = ("triton", "triton_compiled", "eager", "compiled", "liger")
+VARIANTS = ("triton", "triton_compiled", "eager", "compiled", "liger", "litgpt")
 
 # Shapes per preset. gpu: Llama-3-8B-like (8192 tokens = B 4 x T 2048, hidden 4096, heads 32/8 x 128, MLP 14336,
 # vocab 128256) in bf16. cpu: small enough that eager + compiled for all kernels take a few minutes on 2 cores.
@@ -77,6 +82,7 @@ class Problem:
     ours: Callable[..., Any]  # the litliger op (runs Triton under use_backend("triton"))
     twin: Callable[..., Any]  # its *_torch twin (eager, and the function torch.compile compiles)
     liger: Callable[..., Any] | None  # liger-kernel's op, or None where liger has no counterpart / is missing
+    litgpt: Callable[..., Any] | None = None  # LitGPT's computation of the op, or None when LitGPT is missing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,6 +98,22 @@ def _liger(L: ModuleType | None, name: str) -> Callable[..., Any] | None:
     return getattr(L, name, None) if L is not None else None
 
 
+def _litgpt() -> SimpleNamespace | None:
+    """LitGPT's ``RMSNorm``, ``apply_rope`` and ``chunked_cross_entropy``, or None when it is not installed."""
+    try:
+        model, utils = importlib.import_module("litgpt.model"), importlib.import_module("litgpt.utils")
+    except Exception:  # not installed, or its imports clash with this environment
+        return None
+    return SimpleNamespace(
+        RMSNorm=model.RMSNorm, apply_rope=model.apply_rope, chunked_cross_entropy=utils.chunked_cross_entropy
+    )
+
+
+def _litgpt_rms_norm(G: SimpleNamespace, C: int, eps: float, device: torch.device) -> Callable[..., Any]:
+    norm = G.RMSNorm(C, eps=eps).to(device)
+    return lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,))
+
+
 def rms_norm_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, dt: torch.dtype) -> Problem:
     x, w = _leaf(s["B"], s["T"], s["C"], device=dev, dtype=dt), _leaf(s["C"], device=dev, dtype=dt)
     lg = _liger(L, "liger_rms_norm")
@@ -101,6 +123,7 @@ def rms_norm_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.devic
         lambda x, w: K.rms_norm(x, w, 1e-6),
         lambda x, w: K.rms_norm_torch(x, w, 1e-6),
         lg and (lambda x, w: lg(x, w, 1e-6, in_place=False)),
+        (G := _litgpt()) and _litgpt_rms_norm(G, s["C"], 1e-6, dev),
     )
 
 
@@ -109,12 +132,21 @@ def add_rms_norm_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.d
     x, r = _leaf(*shape, device=dev, dtype=dt), _leaf(*shape, device=dev, dtype=dt)
     w = _leaf(s["C"], device=dev, dtype=dt)
     lg = _liger(L, "liger_fused_add_rms_norm")  # newer liger-kernel releases only
+    litgpt = None
+    if G := _litgpt():  # LitGPT adds the residual, then normalises: (norm(x + r), x + r)
+        norm = _litgpt_rms_norm(G, s["C"], 1e-6, dev)
+
+        def litgpt(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            total = x + r
+            return norm(total, w), total
+
     return Problem(
         f"x, residual {shape}",
         [x, r, w],
         lambda x, r, w: K.add_rms_norm(x, r, w, 1e-6),
         lambda x, r, w: K.add_rms_norm_torch(x, r, w, 1e-6),
         lg and (lambda x, r, w: lg(x, r, w, 1e-6, in_place=False)),
+        litgpt,
     )
 
 
@@ -128,6 +160,7 @@ def layer_norm_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.dev
         lambda x, w, b: K.layer_norm(x, w, b, 1e-5),
         lambda x, w, b: K.layer_norm_torch(x, w, b, 1e-5),
         lg and (lambda x, w, b: lg(x, w, b, 1e-5)),
+        _litgpt() and (lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-5)),  # nn.LayerNorm
     )
 
 
@@ -149,13 +182,16 @@ def rope_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, d
         call(K.rope),
         call(K.rope_torch),
         lg and (lambda q, k: lg(q.transpose(1, 2), k.transpose(1, 2), cos[None], sin[None])),
+        (G := _litgpt())
+        and call(lambda q, k, c, s: (G.apply_rope(q, c[None], s[None]), G.apply_rope(k, c[None], s[None]))),
     )
 
 
 def swiglu_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, dt: torch.dtype) -> Problem:
     shape = (s["B"], s["T"], s["ffn"])
     gate, up = _leaf(*shape, device=dev, dtype=dt), _leaf(*shape, device=dev, dtype=dt)
-    return Problem(f"gate, up {shape}", [gate, up], K.swiglu, K.swiglu_torch, _liger(L, "liger_swiglu"))
+    litgpt = _litgpt() and (lambda g, u: torch.nn.functional.silu(g) * u)  # LLaMAMLP
+    return Problem(f"gate, up {shape}", [gate, up], K.swiglu, K.swiglu_torch, _liger(L, "liger_swiglu"), litgpt)
 
 
 def geglu_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, dt: torch.dtype) -> Problem:
@@ -167,6 +203,7 @@ def geglu_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, 
         lambda g, u: K.geglu(g, u, "tanh"),
         lambda g, u: K.geglu_torch(g, u, "tanh"),
         _liger(L, "liger_geglu"),  # liger's GEGLU is the tanh approximation
+        _litgpt() and (lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u),  # GemmaMLP
     )
 
 
@@ -186,6 +223,7 @@ def cross_entropy_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.
         lambda x: K.cross_entropy(x, targets),
         lambda x: K.cross_entropy_torch(x, targets),
         lg and (lambda x: _first(lg(x, targets))),
+        (G := _litgpt()) and (lambda x: G.chunked_cross_entropy(x, targets)),
     )
 
 
@@ -200,6 +238,7 @@ def flce_case(K: ModuleType, L: ModuleType | None, s: dict, dev: torch.device, d
         lambda h, w: K.fused_linear_cross_entropy(h, w, targets),
         lambda h, w: K.fused_linear_cross_entropy_torch(h, w, targets),
         lg and (lambda h, w: _first(lg(h, w, targets))),
+        (G := _litgpt()) and (lambda h, w: G.chunked_cross_entropy(h @ w.T, targets)),  # LitGPT's lm_head + loss
     )
 
 
@@ -297,6 +336,8 @@ def variant_fn(problem: Problem, variant: str, K: ModuleType) -> Callable[..., A
     if variant == "compiled":
         torch.compiler.reset()  # a fresh cache per case: each compile is timed from scratch, no recompile limits
         return torch.compile(problem.twin, dynamic=False)
+    if variant == "litgpt":
+        return problem.litgpt
     return problem.liger
 
 
@@ -446,11 +487,11 @@ def _cell(m: dict[str, Any] | None, key: str) -> str:
 def print_table(rows: list[dict], device: torch.device, liger_note: str, triton_note: str) -> None:
     """One line per kernel; the peak-memory columns only on GPU (where they are measured)."""
     head = ["kernel", "shape", "dtype", "triton ms", "triton+c ms", "eager ms", "compiled ms", "liger ms"]
-    head += ["triton x", "compile x"]
-    fmt = "{:<26} {:<42} {:<8} {:>13} {:>13} {:>13} {:>13} {:>13} {:>8} {:>9}"
+    head += ["litgpt ms", "triton x", "compile x", "vs litgpt"]
+    fmt = "{:<26} {:<42} {:<8} {:>13} {:>13} {:>13} {:>13} {:>13} {:>13} {:>8} {:>9} {:>9}"
     if device.type == "cuda":
-        head += ["MiB triton", "MiB triton+c", "MiB eager", "MiB compiled", "MiB liger"]
-        fmt += " {:>10} {:>12} {:>9} {:>12} {:>9}"
+        head += ["MiB triton", "MiB triton+c", "MiB eager", "MiB compiled", "MiB liger", "MiB litgpt"]
+        fmt += " {:>10} {:>12} {:>9} {:>12} {:>9} {:>10}"
     print(fmt.format(*head))
     for r in rows:
         ms = {v: r[v].get("ms") for v in VARIANTS if v in r}
@@ -460,10 +501,13 @@ def print_table(rows: list[dict], device: torch.device, liger_note: str, triton_
             liger_cell = "no such op"
         speed_t = f"{ms['eager'] / ms['triton']:.2f}" if ms.get("triton") and ms.get("eager") else "-"
         speed_c = f"{ms['eager'] / ms['compiled']:.2f}" if ms.get("compiled") and ms.get("eager") else "-"
+        ours = ms.get("triton") if device.type == "cuda" else ms.get("eager")  # what litliger runs on this device
+        vs_litgpt = f"{ms['litgpt'] / ours:.2f}" if ms.get("litgpt") and ours else "-"
         triton_c = _cell(r["triton_compiled"], "ms") if "triton_compiled" in r else triton_note
         cells = [r["kernel"], r["shape"], r["dtype"], triton_cell, triton_c, _cell(r["eager"], "ms")]
         cells += [_cell(r["compiled"], "ms")]
-        cells += [liger_cell, speed_t, speed_c]
+        cells += [liger_cell, _cell(r["litgpt"], "ms") if "litgpt" in r else "not installed"]
+        cells += [speed_t, speed_c, vs_litgpt]
         if device.type == "cuda":
             cells += [_cell(r.get(v), "peak_mib") for v in VARIANTS]
         print(fmt.format(*cells))
@@ -502,6 +546,15 @@ def print_interpreter(rows: list[dict]) -> None:
     for r in rows:
         if "error" in r["triton"]:
             print(f"  error {r['kernel']} / triton: {r['triton']['error']}")
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def load_liger() -> tuple[ModuleType | None, str | None]:
@@ -551,12 +604,13 @@ def main() -> None:
     )
     print(f"command: {' '.join([sys.executable] + sys.argv)}")
 
+    litgpt = ("litgpt",) if _litgpt() is not None else ()
     if on_gpu:
-        variants = VARIANTS if L is not None else ("triton", "triton_compiled", "eager", "compiled")
+        variants = ("triton", "triton_compiled", "eager", "compiled", *(("liger",) if L is not None else ()), *litgpt)
         rows = bench_table(K, L, device, torch.bfloat16, "gpu", args.kernels, variants, args.reps)
         interp = []
     else:
-        variants = ("eager", "compiled")
+        variants = ("eager", "compiled", *litgpt)
         rows = (
             []
             if args.tiny_only
@@ -602,6 +656,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "liger_kernel": liger_version,
+        "litgpt": _version("litgpt"),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

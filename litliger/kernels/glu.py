@@ -61,10 +61,10 @@ class _SwiGLUTwin(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dt = compute_dtype(gate, up)
         g, u, d = gate.to(dt), up.to(dt), dy.to(dt)
-        s = torch.sigmoid(g)
-        d_up = (d * g * s).to(up.dtype)
-        dsilu = torch.sub(1.0, s).mul_(g).add_(1.0).mul_(s)  # d silu / dg = s (1 + g (1 - s))
-        return (dsilu.mul_(u).mul_(d)).to(gate.dtype), d_up
+        d_up = (d * F.silu(g)).to(up.dtype)
+        # aten's fused silu backward: (d u) s (1 + g (1 - s)) in one pass (four passes fewer than spelling it out)
+        d_gate = torch.ops.aten.silu_backward(d * u, g)
+        return d_gate.to(gate.dtype), d_up
 
 
 def geglu_torch(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
