@@ -126,8 +126,8 @@ def stream(
     x, context, pos = idx, idx, input_pos
     for _ in range(max_new_tokens):
         if input_pos is None:
-            window = context if max_seq_length is None else context[:, -max_seq_length:]
-            logits = model(window, last_only=True)[:, -1]
+            # any model(idx) -> logits here (the uncached path takes models without a cache too)
+            logits = model(context if max_seq_length is None else context[:, -max_seq_length:])[:, -1]
         else:
             logits = model(x, input_pos=pos, left_pad=left_pad, last_only=True)[:, -1]  # (B, padded_vocab)
         if vocab_size is not None:
