@@ -152,7 +152,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
         time.sleep(0.02)
     pid = worker_pid(out, rank=1)
     assert pid is not None
-    while not writing.is_dir():
+    while not (writing.is_dir() or second.is_dir()):  # a starved poller may miss the short save: then after it
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.001)
     os.kill(pid, 9)
