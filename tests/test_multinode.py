@@ -46,52 +46,37 @@ def torchrun(*options: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "litliger"]
 
 
+def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(*procs: subprocess.Popen) -> list[str]:
+    """Wait for every process; all must exit 0. Returns their outputs."""
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def reference(workspace) -> dict[int, float]:
     """The uninterrupted run, 2 processes started by Fabric's own launcher."""
     out = workspace / "fabric"
-    result = subprocess.run(
-        [sys.executable, "-m", "litliger", *launch_args(workspace, out, "--devices", "2")],
-        env=environment(workspace),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    command = [sys.executable, "-m", "litliger", *launch_args(workspace, out, "--devices", "2")]
+    finish(start(command, environment(workspace)))
     return losses(out)
 
 
 @pytest.mark.slow
 def test_torchrun_one_node_and_two_nodes_match_fabric_launch(workspace, reference):
     one_node = workspace / "torchrun-1x2"
-    single = subprocess.run(
-        [*torchrun("--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(free_port()))]
-        + launch_args(workspace, one_node, "--devices", "2"),
-        env=environment(workspace),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr
+    command = torchrun("--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    finish(start(command + launch_args(workspace, one_node, "--devices", "2"), environment(workspace)))
     # two "nodes" of one process each on this host, joined by the c10d rendezvous
     two_nodes, port = workspace / "torchrun-2x1", free_port()
     rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
-    nodes = [
-        subprocess.Popen(
-            [*torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), *rdzv)]
-            + launch_args(workspace, two_nodes, "--devices", "1", "--num_nodes", "2"),
-            env=environment(workspace),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    args = launch_args(workspace, two_nodes, "--devices", "1", "--num_nodes", "2")
+    node = lambda rank: torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), *rdzv) + args
+    finish(*[start(node(rank), environment(workspace)) for rank in (0, 1)])
     assert losses(one_node) == reference
     assert losses(two_nodes) == reference
 
@@ -102,19 +87,9 @@ def test_srun_tasks_match_fabric_launch(workspace, reference):
     out = workspace / "srun-1x2"
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
              "SLURM_JOB_ID": str(free_port()), "SLURM_JOB_NAME": "litliger-test"}  # fmt: skip
-    tasks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "litliger", *launch_args(workspace, out, "--devices", "2")],
-            env={**environment(workspace), **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [task.communicate(timeout=600)[0] for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], outputs
+    command = [sys.executable, "-m", "litliger", *launch_args(workspace, out, "--devices", "2")]
+    task_env = lambda rank: {**environment(workspace), **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+    finish(*[start(command, task_env(rank)) for rank in (0, 1)])
     assert losses(out) == reference
 
 
@@ -140,9 +115,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
     options = ["--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "1", "--master_port", str(free_port())]
     command = torchrun(*options)
     command += launch_args(workspace, out, "--devices", "2", "--resume", "auto")
-    proc = subprocess.Popen(
-        command, env=environment(workspace), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = start(command, environment(workspace))
     # kill rank 1 while the second checkpoint is being written (its hidden temporary folder exists)
     first, second = out / f"step-{SAVE_EVERY:08d}", out / f"step-{2 * SAVE_EVERY:08d}"
     writing = out / f".{second.name}.tmp"
@@ -158,9 +131,8 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
     os.kill(pid, 9)
     killed_at = time.monotonic()
     published = second.is_dir()  # the save may just have finished between the check and the kill
-    output = proc.communicate(timeout=600)[0]
+    [output] = finish(proc)
     recovered_in = time.monotonic() - killed_at
-    assert proc.returncode == 0, output
     resumed = [line for line in output.splitlines() if line.startswith("resumed from")]
     assert len(resumed) == 1, output
     resumed_step = int(resumed[0].split()[-1])
