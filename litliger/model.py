@@ -19,6 +19,7 @@ from .config import Config
 from .kernels import fused_linear_cross_entropy
 from .kv_cache import CachedStep, KVCache, cached_step
 from .nn import Embedding, GeGLUMLP, GeluMLP, LayerNorm, Linear, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .nn.recompute import recomputed
 
 
 def build_norm(config: Config, size: int) -> RMSNorm | LayerNorm:
@@ -100,12 +101,19 @@ class Block(nn.Module):
         self.mlp = build_mlp(config)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: CachedStep | None = None) -> torch.Tensor:
-        a = self.attn(self.norm_1(x), rope, step)  # (B, T, C)
+        # Each norm's output is rebuilt from its input in backward, not held (litliger/nn/recompute.py).
+        h = self.norm_1(x)
+        with recomputed(h, self.norm_1.recompute_fn(x)):
+            a = self.attn(h, rope, step)  # (B, T, C)
         if self.parallel_residual:
-            return x + a + self.mlp(self.norm_2(x))
+            h = self.norm_2(x)
+            with recomputed(h, self.norm_2.recompute_fn(x)):
+                return x + a + self.mlp(h)
         # x <- x + a and h = norm_2(x) in one fused pass; the sum keeps x's dtype (fp32 under autocast)
         h, x = self.norm_2(x, residual=a)
-        return x + self.mlp(h)
+        with recomputed(h, self.norm_2.recompute_fn(x)):
+            m = self.mlp(h)
+        return x + m
 
 
 class GPT(nn.Module):

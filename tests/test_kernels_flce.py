@@ -182,12 +182,12 @@ def test_twin_matches_plain_cross_entropy(reduction):
 def test_default_chunk_size():
     rule = flce_module.default_chunk_size
     budget = flce_module.CHUNK_LOGITS_BYTES
-    assert rule(1 << 20, 2048, 16384, 4, triton=False) * 16384 * 4 == budget  # a chunk's logits fill the budget
-    assert rule(1 << 20, 2048, 16384, 2, triton=False) * 16384 * (2 + 4) <= budget  # with its fp32 copy
+    assert rule(1 << 20, 2048, 2048, 4, triton=False) * 2048 * 4 == budget  # a chunk's logits fill the budget
+    assert rule(1 << 20, 2048, 2048, 2, triton=False) * 2048 * (2 + 4) <= budget  # with its fp32 copy
     assert rule(1 << 20, 2048, 131072, 4, triton=False) == flce_module.TWIN_MIN_CHUNK_ROWS  # matmul efficiency
     assert rule(1 << 20, 2048, 131072, 2, triton=True) == flce_module.KERNEL_MIN_CHUNK_ROWS  # GEMM efficiency wins
-    assert rule(1 << 20, 256, 8192, 4, triton=False) == budget // (8192 * 4) == 2048
-    assert rule(1 << 20, 256, 32768, 4, triton=False) == 512
+    assert rule(1 << 20, 256, 4096, 4, triton=False) == budget // (4096 * 4) == 512
+    assert rule(1 << 20, 256, 32768, 4, triton=False) == flce_module.TWIN_MIN_CHUNK_ROWS
     assert rule(100, 4096, 32000, 4) == 100  # never more than the tokens
     assert rule(4096, 256, 1 << 20, 4, triton=False) == flce_module.TWIN_MIN_CHUNK_ROWS  # matmul efficiency wins
 

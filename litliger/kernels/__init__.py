@@ -7,6 +7,7 @@ from .backend import BACKENDS, get_backend, use_backend
 from .cross_entropy import cross_entropy, cross_entropy_torch
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_torch
 from .glu import geglu, geglu_torch, swiglu, swiglu_torch
+from .glu_linear import glu_linear
 from .layer_norm import layer_norm, layer_norm_torch
 from .rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from .rope import rope, rope_torch
@@ -22,6 +23,7 @@ __all__ = [
     "geglu",
     "geglu_torch",
     "get_backend",
+    "glu_linear",
     "layer_norm",
     "layer_norm_torch",
     "rms_norm",

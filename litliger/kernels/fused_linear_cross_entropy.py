@@ -42,14 +42,16 @@ from .cross_entropy import (
 # K/6 flop per byte of that traffic: it stays memory-bound (an H100 needs ~300) unless K is ~1K. The CE kernel
 # also runs one program per row and needs several waves of SMs.
 KERNEL_MIN_CHUNK_ROWS = 1024
-# Fewest rows per chunk on the CPU path (PyTorch twins). With gradients formed in forward, fwd + bwd at
-# H 256 and 1-2K tokens (scripts/sweep_flce_chunks.py, 1 thread) is 0.85-0.99x the naive loss's time for any
-# chunk of 64+ rows at vocab 8K/32K, but at vocab 128K 64-128-row chunks are 1.03-1.22x and 256+ rows 0.93-0.97x.
+# Fewest rows per chunk on the CPU path (PyTorch twins). With gradients formed in forward, fwd + bwd at H 256 and
+# 2K tokens (scripts/sweep_flce_chunks.py, 1 thread) takes the same time, 0.77-0.88x the naive loss's, for any
+# chunk of 128-2048 rows at vocab 8K, 16K and 64K; at vocab 128K 64-128-row chunks were 1.03-1.22x and 256+ rows
+# 0.93-0.97x.
 TWIN_MIN_CHUNK_ROWS = 256
 # The memory one chunk's logits may take (their gradient overwrites them in place), in bytes. Above the minimum
 # rows, a chunk never holds more than this whatever the tokens and vocabulary; the naive loss holds at least two
-# (N, V) fp32 buffers (logits and their gradient), so the fused loss stays well under half of its peak.
-CHUNK_LOGITS_BYTES = 64 * 2**20
+# (N, V) fp32 buffers (logits and their gradient). Speed is flat in the chunk size above the floors, so the
+# budget is small: the chunk is live at the peak of a training step (end of forward, all activations held).
+CHUNK_LOGITS_BYTES = 8 * 2**20
 
 
 def default_chunk_size(

@@ -221,9 +221,11 @@ def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Ten
 
 
 def _glu_bwd(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int, d_gate_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    """``(d_gate, d_up)``; ``d_gate_out`` (e.g. ``dy`` itself: each element is read before it is written)
+    receives d_gate instead of a new tensor."""
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if d_gate_out is None else d_gate_out
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if gate.numel() == 0:
         return dgate, dup

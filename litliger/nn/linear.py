@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import init
+from ..kernels.glu_linear import glu_linear, glu_linear_input
 
 
 class Linear(nn.Module):
@@ -84,6 +85,15 @@ class Linear(nn.Module):
         if self.lora_a is None:
             return y
         return y + F.linear(F.linear(self._lora_input(x), self.lora_a), self.lora_b) * self.lora_scale
+
+    def activated(self, gate: torch.Tensor, up: torch.Tensor | None, activation: str) -> torch.Tensor:
+        """``self(act(gate) * up)`` (``self(act(gate))`` when ``up`` is None) without holding the activated
+        product for backward (:func:`litliger.kernels.glu_linear`): an MLP's down projection. With a LoRA
+        adapter, which needs the product itself, it is the plain composition.
+        """
+        if self.lora_a is None:
+            return glu_linear(gate, up, self.weight, self.bias, activation)
+        return self(glu_linear_input(gate, up, activation))
 
     def fold_lora(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x', W')`` with ``x' W'^T = x W^T + (dropout(x) A^T B^T) * s`` (in exact arithmetic):

@@ -4,10 +4,8 @@ stream (role "out_proj")."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import geglu, swiglu
 from .linear import Linear
 
 
@@ -21,11 +19,12 @@ class GeluMLP(nn.Module):
         self.proj = Linear(intermediate_size, n_embd, bias, role="out_proj", **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        return self.proj.activated(self.fc(x), None, "gelu_tanh" if self.approximate == "tanh" else "gelu")
 
 
 class SwiGLUMLP(nn.Module):
-    """Llama: ``proj(silu(fc_1(x)) * fc_2(x))``; the gate product is one fused kernel."""
+    """Llama: ``proj(silu(fc_1(x)) * fc_2(x))``; the gate product is one fused kernel, recomputed in backward
+    rather than held (``Linear.activated``)."""
 
     def __init__(self, n_embd: int, intermediate_size: int, bias: bool, **factory) -> None:
         super().__init__()
@@ -34,7 +33,7 @@ class SwiGLUMLP(nn.Module):
         self.proj = Linear(intermediate_size, n_embd, bias, role="out_proj", **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(swiglu(self.fc_1(x), self.fc_2(x)))
+        return self.proj.activated(self.fc_1(x), self.fc_2(x), "silu")
 
 
 class GeGLUMLP(SwiGLUMLP):
@@ -45,4 +44,4 @@ class GeGLUMLP(SwiGLUMLP):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(geglu(self.fc_1(x), self.fc_2(x), self.approximate))
+        return self.proj.activated(self.fc_1(x), self.fc_2(x), "gelu_tanh" if self.approximate == "tanh" else "gelu")

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -36,6 +39,11 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps, self.offset)
         return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
+    def recompute_fn(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``self(x)`` as a call for later, on the weight of now (litliger.nn.recompute): for ``(h, s) =
+        self(x, residual=r)`` pass ``s``, whose norm is exactly ``h``."""
+        return partial(rms_norm, x, self.weight, self.eps, self.offset)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"
 
@@ -68,6 +76,10 @@ class LayerNorm(nn.Module):
             return layer_norm(x, self.weight, self.bias, self.eps)
         s = x + residual
         return layer_norm(s, self.weight, self.bias, self.eps), s
+
+    def recompute_fn(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``self(x)`` as a call for later, on the weights of now (see ``RMSNorm.recompute_fn``)."""
+        return partial(layer_norm, x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"

@@ -1,0 +1,70 @@
+"""Recompute a cheap tensor in backward instead of holding it from forward to backward.
+
+A pre-norm block feeds ``h = norm(x)`` to matmuls, and each matmul keeps its input for the weight gradient,
+so autograd holds ``h`` (tokens x hidden) next to ``x``, which the norm itself keeps. Inside
+:func:`recomputed`, a consumer that saves ``h`` (or a view of it) saves a note instead, and backward rebuilds
+``h`` from ``x`` with the same kernel: one normalisation pass per block and norm, bitwise the value forward
+produced (the kernels are deterministic and ``add_rms_norm``'s output is exactly ``rms_norm`` of its sum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..kernels.backend import get_backend, use_backend
+
+
+class _Recomputed:
+    """The tensor ``fn()`` on first use in backward, shared by every saved view of it."""
+
+    __slots__ = ("fn", "backend", "value")
+
+    def __init__(self, fn: Callable[[], torch.Tensor], backend: str) -> None:
+        self.fn, self.backend, self.value = fn, backend, None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:  # the kernel backend of forward, whatever thread runs backward
+            with torch.no_grad(), use_backend(self.backend):
+                self.value = self.fn().contiguous()
+        return self.value
+
+
+def _address(s: torch.Tensor) -> int | None:
+    try:
+        return s.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without plain storage
+        return None
+
+
+@contextmanager
+def recomputed(t: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Within the block, autograd saves no reference to ``t``'s memory: each saved view of ``t`` is rebuilt
+    in backward from ``fn()``, which must return ``t``'s value again (same shape, dtype and contents) from
+    tensors that stay alive anyway. A no-op without grad and while ``torch.compile`` traces.
+    """
+    plain = t.is_contiguous() and t.storage_offset() == 0  # so a saved view maps onto the rebuilt tensor
+    # meta tensors have no memory to save (and no address to tell them apart)
+    real = t.device.type != "meta" and t.numel() > 0
+    if not (plain and real and torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+        yield
+        return
+    ptr, device, dtype = t.untyped_storage().data_ptr(), t.device, t.dtype
+    note = _Recomputed(fn, get_backend())
+
+    def pack(s: torch.Tensor) -> Any:
+        if s.device == device and s.dtype == dtype and _address(s) == ptr:
+            return note, s.shape, s.stride(), s.storage_offset()
+        return s
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        note_, shape, stride, offset = packed
+        return note_.get().as_strided(shape, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
