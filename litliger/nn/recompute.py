@@ -46,10 +46,12 @@ def recomputed(t: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Iterator[None
     in backward from ``fn()``, which must return ``t``'s value again (same shape, dtype and contents) from
     tensors that stay alive anyway. A no-op without grad and while ``torch.compile`` traces.
     """
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and t.requires_grad):
+        yield
+        return
     plain = t.is_contiguous() and t.storage_offset() == 0  # so a saved view maps onto the rebuilt tensor
-    # meta tensors have no memory to save (and no address to tell them apart)
-    real = t.device.type != "meta" and t.numel() > 0
-    if not (plain and real and torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+    real = t.device.type != "meta" and t.numel() > 0  # meta tensors: no memory to save, no address to tell apart
+    if not (plain and real):
         yield
         return
     ptr, device, dtype = t.untyped_storage().data_ptr(), t.device, t.dtype
