@@ -117,9 +117,8 @@ def cross_entropy_rows_torch(
     row = torch.where(valid, row, torch.zeros_like(row))
     loss.copy_(torch.where(valid & ~in_range, torch.full_like(row, float("nan")), row))
     lse.copy_(m)
-    if grad is not None:
-        work.mul_(total.reciprocal().unsqueeze(1))  # the softmax
-        _softmax_to_grad(work, safe_t, valid & in_range, m, scale, label_smoothing, z_loss, grad)
+    if grad is not None:  # work holds exp(x - max): the softmax times total, which the row factor divides out
+        _softmax_to_grad(work, safe_t, valid & in_range, m, scale, label_smoothing, z_loss, grad, total)
 
 
 def cross_entropy_rows_grad_torch(
@@ -173,16 +172,24 @@ def _softmax_to_grad(
     label_smoothing: float,
     z_loss: float,
     grad: torch.Tensor,
+    total: torch.Tensor | None = None,
 ) -> None:
-    """Turn the softmax in ``work`` into the scaled loss gradient, in place, and leave it in ``grad``: a few
-    passes over the chunk and no (rows, V) temporary, where autograd's log_softmax backward allocates several."""
+    """Turn the softmax in ``work`` (times ``total`` per row, when given) into the scaled loss gradient, in
+    place, and leave it in ``grad``: one multiply by a per-row factor (scale, the z-loss term and 1/total
+    together), the target's subtraction as a scatter, and no (rows, V) temporary, where autograd's log_softmax
+    backward allocates several."""
+    s = scale.to(work.dtype).reshape(-1)
+    factor = s if total is None else s / total
     if z_loss > 0.0:
-        work.mul_((1.0 + 2.0 * z_loss * lse).to(work.dtype).unsqueeze(1))
+        factor = factor * (1.0 + 2.0 * z_loss * lse).to(work.dtype)
+    work.mul_(factor.unsqueeze(1))
     if label_smoothing > 0.0:
-        work.sub_(label_smoothing / work.shape[-1])
-    work.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=work.dtype))
-    work.mul_(scale.to(work.dtype).reshape(-1, 1))
-    work.masked_fill_(~live.unsqueeze(1), 0.0)  # dead rows: their logits may be garbage (padding)
+        work.sub_((s * (label_smoothing / work.shape[-1])).unsqueeze(1))
+    work.scatter_add_(1, safe_t, (-(1.0 - label_smoothing) * s).unsqueeze(1))
+    # Dead rows (ignored targets) are zeroed: their logits may be garbage (padding). Skipped when every row is
+    # live, which a CPU tensor tells for free (on a GPU it would cost a host sync).
+    if work.device.type != "cpu" or torch.compiler.is_compiling() or not bool(live.all()):
+        work.masked_fill_(~live.unsqueeze(1), 0.0)
     if work is not grad:
         grad.copy_(work)
 

@@ -44,11 +44,16 @@ def _product(gate: torch.Tensor, up: torch.Tensor | None, activation: int, trito
 
 
 def _input_grads(
-    d: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, activation: int, triton: bool
+    d: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor | None,
+    activation: int,
+    triton: bool,
+    act: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(d_gate, d_up)`` for ``act(gate) * up`` from the product's gradient ``d``, which this overwrites: it is
-    the caller's temporary, and reusing it (and the activation's buffer) keeps backward at two extra
-    (tokens x intermediate) buffers instead of five."""
+    the caller's temporary, and reusing it (and the activation's buffer, ``act`` if the caller has it) keeps
+    backward at two extra (tokens x intermediate) buffers instead of five."""
     if up is None:  # ungated: d_gate = d * act'(gate), written over d
         return _act_backward(d, gate, activation), None
     if triton:
@@ -56,7 +61,7 @@ def _input_grads(
         return _glu_bwd(d, gate, up, activation, d_gate_out=d if reuse else None)
     dt = compute_dtype(gate, up)
     g, u, d = gate.to(dt), up.to(dt), d.to(dt)
-    a = _act_torch(g, activation)
+    a = _act_torch(g, activation) if act is None else act
     d_up = a.mul_(d).to(up.dtype)  # d * act(g)
     d_gate = _act_backward(d.mul_(u), g, activation)  # (d * u) * act'(g)
     return d_gate.to(gate.dtype), d_up
@@ -97,13 +102,19 @@ class GLULinearFunction(torch.autograd.Function):
         d_weight = d_bias = d_gate = d_up = None
         if need_b:
             d_bias = dy2.sum(0).to(ctx.bias_dtype)
+        act = None  # the twin's act(gate), kept from the product for d_up (one activation pass fewer)
         if need_w:  # the product lives only for this matmul
-            p = _product(gate, up, ctx.activation, ctx.triton)
+            if up is not None and not ctx.triton:
+                dt = compute_dtype(gate, up)
+                act = _act_torch(gate.to(dt), ctx.activation)
+                p = (act * up.to(dt)).to(gate.dtype)
+            else:
+                p = _product(gate, up, ctx.activation, ctx.triton)
             d_weight = (dy2.t() @ p.reshape(-1, p.shape[-1]).to(dy.dtype)).to(ctx.weight_dtype)
             del p
         if need_in:
             d_p = (dy2 @ weight.to(dy.dtype)).view(*dy.shape[:-1], weight.shape[1])
-            d_gate, d_up = _input_grads(d_p, gate, up, ctx.activation, ctx.triton)
+            d_gate, d_up = _input_grads(d_p, gate, up, ctx.activation, ctx.triton, act)
         return d_gate, d_up, d_weight, d_bias, None, None, None
 
 
