@@ -1,11 +1,11 @@
 """Finetuned models: which parameters train, and the checkpoint folder that holds only those.
 
     step-XXXXXXXX/  trainable.safetensors   exactly the trainable set (LoRA tensors + parameters selected by name)
-                    finetune.yaml           method, LoRA settings, trainable names, base folder + sha256, prompt style
+                    finetune.yaml           method, LoRA settings, trainable names, base folder + digest, prompt style
                     model_config.yaml, tokenizer files (+ training_state/ when written by a run)
     final/          the same, plus model.safetensors: the merged model, a complete checkpoint folder
 
-The frozen base is never stored again: a step folder is loaded as base (verified by its sha256) + the
+The frozen base is never stored again: a step folder is loaded as base (verified by the digest of its tensors) + the
 trainable tensors. Any parameter can be trained by its full name, also a bare ``nn.Parameter`` attribute
 of a module (a learned position table, a gate): selection is by name over ``named_parameters()``, so
 nothing that trains can be left out of the file (PEFT's ``modules_to_save`` lost such tensors).
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from .checkpoint import (
     FINETUNE_FILE,
@@ -34,10 +33,12 @@ from .checkpoint import (
     save_checkpoint,
     write_model_files,
 )
+from .checksums import verify_checksums
 from .config import Config
 from .init import init_weights
 from .lora import LoRAArgs, apply_lora, lora_parameter_names, merge_lora, merge_lora_state_dict
 from .model import GPT
+from .tensor_files import save_tensors
 
 METHODS = ("lora", "full")
 
@@ -84,7 +85,7 @@ def finetune_meta(
     lora: LoRAArgs | None,
     trainable: list[str],
     base_dir: Path,
-    base_sha256: str,
+    base_digest: str,
     prompt_style: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """What finetune.yaml records (and what a resume must agree with)."""
@@ -92,7 +93,7 @@ def finetune_meta(
         "method": method,
         "lora": None if method != "lora" or lora is None else {**vars(lora), "targets": list(lora.targets)},
         "trainable": list(trainable),
-        "base": {"checkpoint_dir": str(Path(base_dir).resolve()), "sha256": base_sha256},
+        "base": {"checkpoint_dir": str(Path(base_dir).resolve()), "tensors_sha256": base_digest},
         "prompt_style": prompt_style,
     }
 
@@ -110,7 +111,7 @@ def check_same_finetune(saved: dict[str, Any], current: dict[str, Any], where: P
     removed = sorted(set(saved["trainable"]) - set(current["trainable"]))
     if added or removed:
         diffs.append(f"trainable set (+{added[:3]} -{removed[:3]})")
-    if saved["base"]["sha256"] != current["base"]["sha256"]:
+    if saved["base"].get("tensors_sha256") != current["base"]["tensors_sha256"]:
         diffs.append(f"base weights ({saved['base']['checkpoint_dir']} -> {current['base']['checkpoint_dir']})")
     if diffs:
         raise ValueError(
@@ -126,7 +127,7 @@ def write_finetune_files(
     the trainable set; for ``final`` every parameter, and the merged model is written beside them."""
     base = Path(meta["base"]["checkpoint_dir"])
     trainable = {name: tensors[name].detach().to("cpu").contiguous() for name in meta["trainable"]}
-    save_file(trainable, str(folder / TRAINABLE_FILE), metadata={"format": "pt", "litliger": "1"})
+    save_tensors(folder / TRAINABLE_FILE, trainable, metadata={"format": "pt", "litliger": "1"})
     (folder / FINETUNE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
     files = [TRAINABLE_FILE, FINETUNE_FILE]
     if final:
@@ -156,6 +157,7 @@ def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype
     """Load a finetuning step folder as base + trainable tensors (unmerged), after checking that the base
     file is the one the run trained on."""
     folder = Path(folder)
+    verify_checksums(folder, training_state=False)
     meta = read_finetune_meta(folder)
     base = check_base(meta, folder)
     config = read_config(folder)

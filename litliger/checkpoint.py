@@ -4,20 +4,22 @@
     model_config.yaml     the Config
     tokenizer.json        (+ tokenizer_config.json) when the model has a tokenizer
 
+    checksums.json        size and sha256 of every other file, verified before the folder is loaded
+
 A finetuning step folder holds ``trainable.safetensors`` (only what was trained) and ``finetune.yaml`` (the
-method, LoRA settings, trainable names, and the base folder with the sha256 of its model.safetensors)
-instead of model.safetensors: the frozen base is never stored twice. litliger/adapter.py loads it.
+method, LoRA settings, trainable names, and the base folder with the digest of its tensors) instead of
+model.safetensors: the frozen base is never stored twice. litliger/adapter.py loads it.
 
 Folders are written atomically: everything goes into a hidden temporary sibling that is renamed into
-place at the end, so an interrupted write never leaves a folder under the final name.
+place at the end, so an interrupted write never leaves a folder under the final name. Tensor files are
+written deterministically (litliger/tensor_files.py): the same tensors give the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +28,12 @@ from typing import Any
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .checksums import verify_checksums, write_checksums
 from .config import Config
+from .output_safety import scratch_path
+from .tensor_files import save_tensors, sha256_file, tensor_digest
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -68,7 +72,8 @@ def _open_weights(path: Path) -> Iterator:
 
 
 def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` on the CPU."""
+    """All tensors of ``model.safetensors`` on the CPU, after the folder's files are verified."""
+    verify_checksums(Path(checkpoint_dir), training_state=False)
     with _open_weights(_weights_path(checkpoint_dir)) as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
@@ -123,15 +128,6 @@ def load_tensors(model: nn.Module, path: Path, *, expected: set[str], copy: set[
                     param.copy_(f.get_tensor(name))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file's bytes (read in 16 MiB chunks: base models can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_finetune_meta(folder: str | Path) -> dict[str, Any]:
     """``finetune.yaml`` of a finetuning checkpoint: method, LoRA settings, trainable names, base and prompt style."""
     path = Path(folder) / FINETUNE_FILE
@@ -142,13 +138,35 @@ def read_finetune_meta(folder: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is corrupt ({type(e).__name__}); use another checkpoint") from e
     keys = {"method", "trainable", "base"}
-    if not isinstance(meta, dict) or not keys <= set(meta) or not {"checkpoint_dir", "sha256"} <= set(meta["base"]):
+    base = meta.get("base") if isinstance(meta, dict) else None
+    if (
+        not isinstance(meta, dict)
+        or not keys <= set(meta)
+        or not isinstance(base, dict)
+        or "checkpoint_dir" not in base
+        or not ({"tensors_sha256", "sha256"} & set(base))
+    ):
         raise ValueError(f"{path} is not a litliger finetune record (needs {sorted(keys)}); use another checkpoint")
     return meta
 
 
+def base_identity(weights: str | Path) -> str:
+    """What a finetune records of its base: the digest of the base's tensors (names, dtypes, shapes, data), so a
+    base folder rewritten with the same tensors and another file header is still the same base."""
+    return tensor_digest(weights)
+
+
+def verified_base_identity(base_dir: str | Path) -> str:
+    """The base's files verified against its checksums, then :func:`base_identity` of its weights."""
+    verify_checksums(Path(base_dir), training_state=False)
+    return base_identity(_weights_path(base_dir))
+
+
 def check_base(meta: dict[str, Any], where: str | Path) -> Path:
-    """The base checkpoint folder recorded in ``meta``, verified to be the very file the run trained on."""
+    """The base checkpoint folder recorded in ``meta``, verified to hold the very tensors the run trained on.
+
+    Records of an earlier litliger hold the sha256 of the file instead (``base.sha256``); they are checked
+    against the file's bytes."""
     base = Path(meta["base"]["checkpoint_dir"])
     weights = base / MODEL_FILE
     if not weights.is_file():
@@ -156,11 +174,13 @@ def check_base(meta: dict[str, Any], where: str | Path) -> Path:
             f"the base checkpoint {base} recorded in {Path(where) / FINETUNE_FILE} is gone ({MODEL_FILE} missing); "
             "restore it at that path"
         )
-    digest = sha256_file(weights)
-    if digest != meta["base"]["sha256"]:
+    recorded = meta["base"].get("tensors_sha256")
+    digest = base_identity(weights) if recorded else sha256_file(weights)
+    recorded = recorded or meta["base"]["sha256"]
+    if digest != recorded:
         raise ValueError(
-            f"the base checkpoint {weights} changed since {where} was trained on it (sha256 {digest[:12]}... vs "
-            f"recorded {meta['base']['sha256'][:12]}...); use the original base weights"
+            f"the base checkpoint {weights} changed since {where} was trained on it (digest {digest[:12]}... vs "
+            f"recorded {recorded[:12]}...); use the original base weights"
         )
     return base
 
@@ -174,21 +194,38 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = scratch_path(final, "tmp")
     tmp.mkdir()
     try:
-        yield tmp
-        publish_dir(tmp, final)
+        with disk_full_is_one_line(final):
+            yield tmp
+            write_checksums(tmp)
+            publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def disk_full_is_one_line(target: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``target`` becomes an ``OSError`` whose message says so in one line;
+    the caller removes its temporary folder, so what was there before is all that remains."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(
+            f"no space left on the device, in {target.parent}; nothing was lost ({target.name} and everything "
+            "written before are as they were): free some space and run again"
+        ) from e
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder ``tmp`` to ``final`` with renames, replacing an existing ``final`` only now."""
     _fsync_tree(tmp)
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = scratch_path(final, "old")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -218,8 +255,7 @@ def write_model_files(
 ) -> None:
     """Write the checkpoint-folder files into ``folder`` (not atomic by itself: use inside ``atomic_dir``)."""
     folder = Path(folder)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt", "litliger": "1"})
+    save_tensors(folder / MODEL_FILE, state_dict, metadata={"format": "pt", "litliger": "1"})
     config.save(folder / CONFIG_FILE)
     if save_tokenizer is not None:
         save_tokenizer(folder)

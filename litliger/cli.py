@@ -23,7 +23,8 @@ import yaml
 from .engine.signals import RunInterrupted
 
 # What a user can fix: bad values (json.JSONDecodeError and UnicodeDecodeError are ValueErrors), missing or
-# unreadable files, a diverging run, corrupt YAML or pickles. Library-specific types are added in _user_errors.
+# unreadable files, a diverging run, corrupt YAML, corrupt pickles (upgrade_checkpoint reads old ones).
+# Library-specific types are added in _user_errors.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, yaml.YAMLError, pickle.UnpicklingError)
 PARSE_ERROR_EXIT = 2
 USER_ERROR_EXIT = 1
@@ -35,6 +36,7 @@ def _commands() -> dict[str, Callable]:
     from .adapter import merge_lora_checkpoint
     from .chat import main as chat
     from .convert import convert_from_hf, convert_to_hf
+    from .engine.upgrade import upgrade_checkpoint
     from .evaluate import main as evaluate
     from .finetune import setup as finetune
     from .generate import main as generate
@@ -49,6 +51,7 @@ def _commands() -> dict[str, Callable]:
         "generate": generate,
         "chat": chat,
         "evaluate": evaluate,
+        "upgrade_checkpoint": upgrade_checkpoint,
     }
 
 

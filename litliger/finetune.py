@@ -22,7 +22,14 @@ from .adapter import (
     finetune_meta,
     write_finetune_files,
 )
-from .checkpoint import MODEL_FILE, TRAINABLE_FILE, load_tensors, read_config, read_finetune_meta, sha256_file
+from .checkpoint import (
+    MODEL_FILE,
+    TRAINABLE_FILE,
+    load_tensors,
+    read_config,
+    read_finetune_meta,
+    verified_base_identity,
+)
 from .data import DataModule, Instructions, PromptStyle, PythonDocstrings, Tokenizer, infinite_batches
 from .engine import (
     EvalArgs,
@@ -34,6 +41,7 @@ from .engine import (
     fit,
     make_fabric,
     make_loggers,
+    on_rank_zero,
     resolve_resume_on_all_ranks,
     setup_model,
     training_session,
@@ -187,7 +195,7 @@ def main(
 
     with training_session(fabric, out_dir) as signals:
         resume_dir = resolve_resume_on_all_ranks(fabric, resume, out_dir)
-        base_sha = fabric.broadcast(sha256_file(checkpoint_dir / MODEL_FILE) if fabric.global_rank == 0 else None)
+        base_digest = on_rank_zero(fabric, lambda: verified_base_identity(checkpoint_dir))
         tokenizer = Tokenizer.from_dir(checkpoint_dir)
         if resume_dir is not None and (saved_style := read_finetune_meta(resume_dir).get("prompt_style")):
             data.style = style = PromptStyle.from_dict(saved_style)  # format exactly as the run did so far
@@ -198,7 +206,7 @@ def main(
             lora=lora_args,
             trainable=trainable,
             base_dir=checkpoint_dir,
-            base_sha256=base_sha,
+            base_digest=base_digest,
             prompt_style=style.to_dict(),
         )
         if resume_dir is not None:

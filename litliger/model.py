@@ -282,10 +282,12 @@ class GPT(nn.Module):
         """
         from .adapter import is_finetune_checkpoint, load_finetuned
         from .checkpoint import load_model_weights, read_config
+        from .checksums import verify_checksums
 
         if is_finetune_checkpoint(checkpoint_dir):
             return load_finetuned(checkpoint_dir, device=device, dtype=dtype)
 
+        verify_checksums(Path(checkpoint_dir), training_state=False)
         config = read_config(checkpoint_dir)
         with torch.device("meta"):
             model = cls(config)

@@ -2,10 +2,12 @@
 
 ``check_output_dir`` is called by every command that publishes a folder with ``checkpoint.atomic_dir``
 (convert_from_hf, convert_to_hf, merge_lora), because publishing replaces an existing folder whole.
-``RunLock`` makes a training run the only writer of its ``out_dir``.
+``check_run_dir`` decides whether a training run may use a folder as its ``out_dir`` at all, ``RunLock``
+makes a run the only writer of its ``out_dir``, and ``sweep_leftovers`` removes what an interrupted save
+of that run left behind: only names litliger itself creates (``scratch_path``), never a user's folder.
 
-Both live here, below the engine and the recipes, and import only the standard library, so any layer can
-use them.
+All of it lives here, below the engine and the recipes, and imports only the standard library, so any
+layer can use it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
-import sys
+import stat
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +31,78 @@ LOCK_FILE = ".litliger-lock"
 STEP_DIR_PATTERN = re.compile(r"^step-\d{8}$")
 FINAL_DIR = "final"
 TRAINING_STATE_DIR = "training_state"
+
+# The hidden siblings a save creates next to the folder it publishes: ``.litliger-tmp.<name>[.<hex8>]`` while
+# it is written, ``.litliger-old.<name>.<hex8>`` for the folder it replaces, ``.litliger-pruned.<name>`` for
+# a step checkpoint being deleted. A user's own hidden folders never match these names.
+_SCRATCH_KINDS = ("tmp", "old", "pruned")
+_LEFTOVER = re.compile(r"^\.litliger-(tmp|old|pruned)\.(step-\d{8}|final)(\.[0-9a-f]{8})?$")
+
+
+def scratch_path(final: Path, kind: str, unique: bool = True) -> Path:
+    """The hidden sibling of ``final`` for a save in progress (``kind`` tmp, old or pruned). ``unique`` adds a
+    random suffix; without it every rank of a run computes the same name."""
+    if kind not in _SCRATCH_KINDS:
+        raise ValueError(f"scratch kind {kind!r}; one of {_SCRATCH_KINDS}")
+    suffix = f".{uuid.uuid4().hex[:8]}" if unique else ""
+    return final.parent / f".litliger-{kind}.{final.name}{suffix}"
+
+
+def sweep_leftovers(out_dir: Path) -> list[str]:
+    """Remove what an interrupted save of a training run left in ``out_dir``; returns the names handled.
+
+    Only the scratch names of a step or final checkpoint (``scratch_path``) are touched. A kill between the
+    two renames of a replacing publish leaves ``.litliger-old.<name>.*`` without ``<name>``: that folder is
+    the only copy and is renamed back, never deleted. Call only on a run's out_dir, holding its lock.
+    """
+    handled = []
+    for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else ():
+        match = _LEFTOVER.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        original = out_dir / match.group(2)
+        if match.group(1) == "old" and not original.exists():
+            path.rename(original)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        handled.append(path.name)
+    return handled
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's out_dir: it holds the run lock (a regular file) or a step or
+    final checkpoint with its training state."""
+    lock = folder / LOCK_FILE
+    if lock.is_file() and not lock.is_symlink():
+        return True
+    return any(
+        (STEP_DIR_PATTERN.match(p.name) or p.name == FINAL_DIR) and (p / TRAINING_STATE_DIR).is_dir()
+        for p in folder.iterdir()
+    )
+
+
+def check_run_dir(out_dir: str | Path) -> None:
+    """Refuse an ``out_dir`` a training run must not write into; raise ``ValueError`` saying why.
+
+    The filesystem root and the home folder are always refused; any other existing folder only when it holds
+    something and is not a litliger run (a run writes its lock, logs and checkpoints there and removes its
+    own leftovers, so it never shares a folder with a user's files).
+    """
+    out = Path(out_dir).expanduser()
+    real = out.resolve()
+    if real == Path(real.anchor) or real == Path.home().resolve():
+        where = "the filesystem root" if real == Path(real.anchor) else "your home folder"
+        raise ValueError(f"out_dir {out_dir} is {where}, in --out_dir; choose a folder of its own, e.g. out/my_run")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"out_dir {out_dir} is an existing file, in --out_dir; choose a folder path")
+    entries = [p.name + ("/" if p.is_dir() else "") for p in sorted(out.iterdir())]
+    if entries and not is_run_dir(out):
+        raise ValueError(
+            f"out_dir {out_dir} holds files that are not a litliger run ({_names(entries)}), in --out_dir; "
+            "choose a new or empty folder (nothing was changed)"
+        )
 
 
 def check_output_dir(
@@ -108,8 +184,7 @@ class LockHolder:
 
     pid: int
     host: str
-    started: str
-    command: str
+    started: str  # the command line is not recorded: it may hold secrets, and the file is for the run alone
 
     def stale_notice(self) -> str:
         """The one line a caller prints when it takes over the lock of a process that died holding it."""
@@ -150,10 +225,9 @@ class RunLock:
     def acquire(self) -> LockHolder | None:
         """Lock ``out_dir`` (creating it); returns the holder whose stale lock was taken over, else None."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.path)
         try:
-            stat = os.fstat(fd)
-            key = (stat.st_dev, stat.st_ino)
+            key = _file_key(os.fstat(fd))
             if key in _HELD:
                 raise RunLockedError(
                     f"out_dir {self.out_dir} is already locked by this process (pid {os.getpid()}); "
@@ -171,9 +245,18 @@ class RunLock:
                 raise RunLockedError(
                     f"out_dir {self.out_dir} is in use by {who}; wait for it to finish or choose another --out_dir"
                 ) from None
+            try:  # the name must still be the file we locked: not swapped for a link or another file meanwhile
+                now = os.lstat(self.path)
+            except FileNotFoundError:
+                now = None
+            if now is None or not stat.S_ISREG(now.st_mode) or _file_key(now) != key:
+                raise RunLockedError(
+                    f"{self.path} was replaced while this run locked it, in --out_dir; make sure no other "
+                    "program writes into out_dir and start again"
+                )
             stale = _read_holder(fd)
             started = datetime.now().astimezone().isoformat(timespec="seconds")
-            me = LockHolder(os.getpid(), socket.gethostname(), started, " ".join(sys.argv))
+            me = LockHolder(os.getpid(), socket.gethostname(), started)
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(dataclasses.asdict(me)).encode(), 0)
         except BaseException:
@@ -204,10 +287,34 @@ class RunLock:
         self.release()
 
 
+def _file_key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create, owner-only) the lock file without following a symbolic link: a link planted there
+    must not make the run truncate the file it points to. Anything but a regular file is refused."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if path.is_symlink():
+            raise RunLockedError(
+                f"{path} is a symbolic link, in --out_dir; a run lock must be a regular file: remove the link "
+                "(nothing was changed)"
+            ) from None
+        raise RunLockedError(
+            f"cannot open the run lock {path} ({e.strerror}), in --out_dir; fix its permissions"
+        ) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunLockedError(f"{path} is not a regular file, in --out_dir; remove it (nothing was changed)")
+    return fd
+
+
 def _read_holder(fd: int) -> LockHolder | None:
     """The holder recorded in the lock file, or None when it is empty (released cleanly) or unreadable."""
     try:
         info = json.loads(os.pread(fd, 1 << 16, 0))
-        return LockHolder(int(info["pid"]), str(info["host"]), str(info["started"]), str(info["command"]))
+        return LockHolder(int(info["pid"]), str(info["host"]), str(info["started"]))
     except (ValueError, KeyError, TypeError):
         return None

@@ -11,6 +11,7 @@ from typing import Literal
 import lightning as L
 
 from .checkpoint import MODEL_FILE, load_model_weights, read_config, write_model_files
+from .checksums import verify_checksums
 from .config import Config
 from .data import DataModule, PythonStdlib, infinite_batches
 from .engine import (
@@ -23,6 +24,7 @@ from .engine import (
     fit,
     make_fabric,
     make_loggers,
+    on_rank_zero,
     resolve_resume_on_all_ranks,
     setup_model,
     training_session,
@@ -140,6 +142,8 @@ def main(
         resume_dir = resolve_resume_on_all_ranks(fabric, resume, out_dir)
         if resume_dir is not None:
             check_resumable(resume_dir, config, fabric.world_size)
+        elif initial_checkpoint_dir is not None:
+            on_rank_zero(fabric, lambda: verify_checksums(Path(initial_checkpoint_dir), training_state=False))
         fabric.seed_everything(seed)
         tokenizer = resolve_tokenizer(
             fabric, config, tokenizer_dir=tokenizer_dir, checkpoints=[resume_dir, initial_checkpoint_dir], data=data

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from litliger import GPT, Config
 from litliger.checkpoint import CONFIG_FILE, MODEL_FILE, load_state_dict
+from litliger.checksums import CHECKSUMS_FILE, write_checksums
 from litliger.convert import config_from_hf, config_to_hf, convert_from_hf, convert_to_hf
 from litliger.kernels import use_backend
 
@@ -332,6 +333,7 @@ def test_to_hf_names_a_missing_parameter_and_leaves_no_output(tmp_path):
     tensors = read_tensors(lit)
     tensors.pop("transformer.h.1.attn.qkv.bias")
     save_file(tensors, str(lit / MODEL_FILE))
+    write_checksums(lit)  # a deliberate edit, recorded: the converter itself must name the missing tensor
     with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.qkv\.bias"):
         convert_to_hf(lit, tmp_path / "back")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "lit"]
@@ -427,7 +429,7 @@ def test_tokenizer_files_and_eos_are_carried(tmp_path):
         assert (lit / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
     assert json.loads((lit / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
     assert sorted(p.name for p in lit.iterdir()) == sorted(
-        [MODEL_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+        [MODEL_FILE, CONFIG_FILE, CHECKSUMS_FILE, "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     )
 
     out = convert_to_hf(lit, tmp_path / "back")

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from litliger import GPT, Config
 from litliger.adapter import build_finetune_model, load_finetuned, merge_lora_checkpoint
 from litliger.checkpoint import FINETUNE_FILE, MODEL_FILE, TRAINABLE_FILE, load_state_dict
+from litliger.checksums import write_checksums
 from litliger.data import Instructions, TextFiles
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs
 from litliger.finetune import FinetuneTrainArgs
@@ -80,6 +81,7 @@ def make_base(root: Path, config: Config) -> Path:
     settings = json.loads(tokenizer_config.read_text()) if tokenizer_config.exists() else {}
     settings["chat_template"] = CHAT_TEMPLATE
     tokenizer_config.write_text(json.dumps(settings))
+    write_checksums(final)  # a deliberate edit, recorded (an unrecorded one is refused: tests/test_trust.py)
     return final
 
 
@@ -160,10 +162,9 @@ def test_lora_checkpoints_hold_only_the_adapters_and_final_the_merged_model(tmp_
     base_size = (base / MODEL_FILE).stat().st_size
     assert (step / TRAINABLE_FILE).stat().st_size < base_size / 3
     # the optimizer state is the adapters' only
-    from torch.distributed.checkpoint import FileSystemReader
+    from litliger.engine.state_codec import load_state
 
-    meta = FileSystemReader(str(step / "training_state" / "optimizer")).read_metadata()
-    state_keys = [k for k in meta.state_dict_metadata if k.startswith("optimizer.state.")]
+    state_keys = list(load_state(step / "training_state" / "rank00000")["optimizer"]["state"])
     assert state_keys and all(".lora_" in k for k in state_keys), state_keys[:4]
     # final/: the adapters plus the merged model, loadable by every command as a plain checkpoint
     assert final == out / "final" and keys(final / MODEL_FILE) == keys(base / MODEL_FILE)
@@ -309,6 +310,7 @@ def test_bad_input_is_named_and_nothing_is_overwritten(tmp_path, base, records):
     from safetensors.torch import save_file
 
     save_file(weights, str(moved / MODEL_FILE))
+    write_checksums(moved)  # recorded, so the base check (not the checksums) must catch it
     with pytest.raises(ValueError, match="changed since"):
         GPT.from_checkpoint(tmp_path / "c" / "step-00000001")
     with pytest.raises(ValueError, match="base weights"):

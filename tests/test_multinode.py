@@ -118,7 +118,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
     proc = start(command, environment(workspace))
     # kill rank 1 while the second checkpoint is being written (its hidden temporary folder exists)
     first, second = out / f"step-{SAVE_EVERY:08d}", out / f"step-{2 * SAVE_EVERY:08d}"
-    writing = out / f".{second.name}.tmp"
+    writing = out / f".litliger-tmp.{second.name}"
     deadline = time.monotonic() + 300
     while not first.is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -192,9 +192,9 @@ def test_prune_never_touches_final_or_the_protected_folder(tmp_path, monkeypatch
 
 def test_publishing_waits_for_files_other_nodes_reported(tmp_path, monkeypatch):
     (tmp_path / "a").write_bytes(b"12345")
-    _wait_until_visible(tmp_path, [{"a": 5}])  # visible at full size: returns at once
+    _wait_until_visible(tmp_path, [{"a": {"size": 5}}])  # visible at full size: returns at once
     monkeypatch.setenv("LITLIGER_FS_WAIT", "0")
     with pytest.raises(OSError, match=r"1 files written by other ranks did not appear .* \(e\.g\. b\)"):
-        _wait_until_visible(tmp_path, [{"a": 5}, {"b": 3}])
+        _wait_until_visible(tmp_path, [{"a": {"size": 5}}, {"b": {"size": 3}}])
     with pytest.raises(OSError, match="e.g. a"):  # still being written: smaller than reported
-        _wait_until_visible(tmp_path, [{"a": 6}])
+        _wait_until_visible(tmp_path, [{"a": {"size": 6}}])

@@ -22,6 +22,7 @@ import torch
 
 from litliger import Config
 from litliger.checkpoint import CONFIG_FILE, load_state_dict, save_checkpoint
+from litliger.checksums import CHECKSUMS_FILE
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf, convert_to_hf
 from litliger.convert.weight_maps import model_shapes
@@ -97,8 +98,8 @@ def user_folder(path: Path) -> Path:
 
 
 def no_leftovers(parent: Path) -> bool:
-    """atomic_dir's hidden .NAME.tmp-* / .NAME.old-* siblings are gone."""
-    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    """atomic_dir's hidden .litliger-tmp.NAME.* / .litliger-old.NAME.* siblings are gone."""
+    return not [p for p in parent.iterdir() if p.name.startswith((".litliger-tmp.", ".litliger-old."))]
 
 
 # --- convert_to_hf ---------------------------------------------------------------------------------------------
@@ -211,14 +212,14 @@ def test_a_folder_filled_during_the_conversion_is_not_replaced(run_dir, tmp_path
     """The check runs again just before publishing: the folder may have been written meanwhile."""
     from litliger.convert import to_hf
 
-    out, real_save = tmp_path / "out", to_hf.save_file
+    out, real_save = tmp_path / "out", to_hf.save_tensors
 
     def save_and_meanwhile_write(*args, **kwargs):
         out.mkdir()
         (out / "notes.txt").write_text("written while converting")
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(to_hf, "save_file", save_and_meanwhile_write)
+    monkeypatch.setattr(to_hf, "save_tensors", save_and_meanwhile_write)
     with pytest.raises(ValueError, match=r"is not empty \(holds notes\.txt\)"):
         convert_to_hf(run_dir / "final", out)
     assert snapshot(out) == {"notes.txt": b"written while converting"} and no_leftovers(tmp_path)
@@ -246,7 +247,7 @@ def test_from_hf_never_writes_over_or_into_its_input_even_with_overwrite(hf_dir,
 def test_from_hf_overwrite_gives_the_original_checkpoint_back(run_dir, hf_dir, tmp_path):
     out = user_folder(tmp_path / "out")
     convert_from_hf(hf_dir, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", CONFIG_FILE]  # the user's files: replaced
+    assert sorted(p.name for p in out.iterdir()) == [CHECKSUMS_FILE, "model.safetensors", CONFIG_FILE]  # replaced
     original, back = load_state_dict(run_dir / "final"), load_state_dict(out)
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
@@ -321,7 +322,8 @@ def test_lock_records_its_holder_and_a_clean_release_is_not_stale(tmp_path):
     lock = RunLock(out)
     assert lock.acquire() is None and lock.held  # creates out_dir; nothing to take over
     info = json.loads((out / LOCK_FILE).read_text())
-    assert info["pid"] == os.getpid() and info["host"] == HOST and info["command"] == " ".join(sys.argv)
+    assert info["pid"] == os.getpid() and info["host"] == HOST and "command" not in info  # it may hold secrets
+    assert (out / LOCK_FILE).stat().st_mode & 0o777 == 0o600
     assert datetime.fromisoformat(info["started"]).tzinfo is not None
     assert locked_elsewhere(out)
     lock.release()

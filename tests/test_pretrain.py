@@ -127,7 +127,7 @@ def test_resume_auto_sweeps_partial_saves_and_never_skips_broken_checkpoints(tmp
     out = tmp_path / "out"
     run(out, corpus, steps=6, save_interval=2)
     shutil.rmtree(out / "final")
-    (out / ".step-00000008.tmp").mkdir()  # what a kill during a save leaves behind
+    (out / ".litliger-tmp.step-00000008").mkdir()  # what a kill during a save leaves behind
     assert find_resume_checkpoint(out) == out / "step-00000004"
     (out / "step-00000006").mkdir()  # a step folder without its files is not resumable, and never skipped silently
     with pytest.raises(ValueError, match="cannot be resumed from: step-00000006"):
@@ -136,7 +136,7 @@ def test_resume_auto_sweeps_partial_saves_and_never_skips_broken_checkpoints(tmp
     shutil.rmtree(out / "step-00000006")
     before = losses(out)
     run(out, corpus, steps=6, resume="auto")
-    assert not (out / ".step-00000008.tmp").exists()  # reclaimed by the run that holds the lock
+    assert not (out / ".litliger-tmp.step-00000008").exists()  # reclaimed by the run that holds the lock
     after = losses(out)
     assert after[5] == before[5] and after[6] == before[6]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -170,9 +170,12 @@ def test_resume_does_not_reinitialise(tmp_path, corpus):
     # make the stored weights recognisable: an init would overwrite them
     from safetensors.torch import save_file
 
+    from litliger.checksums import write_checksums
+
     weights = load_state_dict(ckpt)
     weights["transformer.ln_f.weight"] = torch.full_like(weights["transformer.ln_f.weight"], 3.0)
     save_file(weights, str(ckpt / MODEL_FILE))
+    write_checksums(ckpt)  # a deliberate edit, recorded (an unrecorded one is refused: tests/test_trust.py)
     resumed = run(tmp_path / "resumed", corpus, steps=2, resume=ckpt)  # nothing left to train
     assert torch.equal(load_state_dict(resumed)["transformer.ln_f.weight"], weights["transformer.ln_f.weight"])
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..checkpoint import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
 from ..config import Config
 from ..output_safety import check_output_dir
+from ..tensor_files import save_tensors
 from .from_hf import GENERATION_CONFIG
 from .hf_config import config_to_hf
 from .weight_maps import family_map, listing, model_shapes
@@ -43,7 +43,7 @@ def convert_to_hf(
     hf["dtype"] = hf["torch_dtype"] = _main_dtype(tensors)
     hf.update(_token_ids(checkpoint_dir))
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tmp / HF_WEIGHTS, tensors, metadata={"format": "pt"})
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(hf, f, indent=2)
         copy_tokenizer_files(checkpoint_dir, tmp)

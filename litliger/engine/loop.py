@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config, flops_per_token
+from ..output_safety import FINAL_DIR
 from .args import EvalArgs, TrainArgs
 from .checkpointing import WriteFiles, prune_step_checkpoints, save_training_checkpoint, step_dir
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
@@ -169,6 +170,11 @@ def fit(
     accum = train.gradient_accumulation_steps(fabric.world_size)
     total = setup.total_steps
     signals = setup.signals
+    if setup.resumed_from is not None and setup.resumed_from.name == FINAL_DIR and progress.step >= total:
+        # a finished run, run again: nothing trains, so final/ stays as it is, byte for byte (finetunes
+        # record their base by its content, and a rewrite would be a needless risk to the only copy)
+        fabric.print(f"{setup.resumed_from} is already trained to step {progress.step}; nothing to do")
+        return setup.resumed_from
     precision = getattr(fabric, "litliger_precision", "32-true")
     metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed_from else None)
     throughput = Throughput(
@@ -318,7 +324,7 @@ def fit(
         if not validated or agree_to_stop(True):
             # stopped during the final validation: keep the trained weights; a resume validates and finishes
             return stop_here()
-        path = save(setup.out_dir / "final")
+        path = save(setup.out_dir / FINAL_DIR)
     # a signal that arrived during the final save was only recorded: act on it now that final/ is complete
     if agree_to_stop(True):
         raise RunInterrupted(signals.received or signal.SIGTERM)  # ranks without a signal of their own

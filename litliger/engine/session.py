@@ -10,29 +10,30 @@ from pathlib import Path
 
 import lightning as L
 
-from ..output_safety import RunLock
-from .checkpointing import sweep_temporary
+from ..output_safety import RunLock, check_run_dir, sweep_leftovers
 from .signals import StopSignals
 
 
 @contextmanager
 def training_session(fabric: L.Fabric, out_dir: Path) -> Iterator[StopSignals]:
-    """Lock ``out_dir`` (rank 0, before anything is written into it), install SIGTERM/SIGINT handling and
-    remove leftovers of interrupted saves. Every rank gets the same outcome: a locked folder is an error
-    on all of them, not a hang."""
+    """Check that ``out_dir`` may hold a run (not the root, the home folder or a folder of other content), lock
+    it (rank 0, before anything is written into it), install SIGTERM/SIGINT handling and remove leftovers of
+    this run's interrupted saves. Every rank gets the same outcome: a refused or locked folder is an error on
+    all of them, not a hang."""
     signals = StopSignals()
     with signals.installed():
         lock, error, notes = None, None, []
         if fabric.global_rank == 0:
             lock = RunLock(out_dir)
             try:
+                check_run_dir(out_dir)
                 stale = lock.acquire()
             except ValueError as e:
                 error, lock = str(e), None
             else:
                 if stale:
                     notes.append(stale.stale_notice())
-                notes += [f"removed {name} (left by an interrupted save)" for name in sweep_temporary(out_dir)]
+                notes += [f"removed {name} (left by an interrupted save)" for name in sweep_leftovers(out_dir)]
         if fabric.world_size > 1:
             error = fabric.broadcast(error, src=0)
         if error:
