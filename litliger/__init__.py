@@ -1,7 +1,26 @@
-"""litliger: LLM pretraining and finetuning with native GPT models built from fused Triton kernels."""
+"""litliger: LLM pretraining and finetuning with native GPT models built from fused Triton kernels.
 
-from .config import Config
-from .model import GPT
+The public surface: ``from litliger import GPT, Config, generate``; ``litliger.kernels.<op>``,
+``litliger.data.<module>``, ``litliger.init`` (the init policy, ``litliger.nn.init``). The package is
+layered, lowest first (tests/test_layers.py checks that imports only point down):
 
-__all__ = ["GPT", "Config"]
+    util -> kernels -> nn (layers + init policy) -> model -> checkpoint -> data -> convert, inference
+         -> eval, engine -> recipes -> tools -> cli
+
+``GPT.from_checkpoint`` is attached here to ``checkpoint.load.load_model``, so the model class itself knows
+nothing of folder formats.
+"""
+
+import sys
+
+from .checkpoint.load import load_model
+from .inference.generate import generate
+from .model.config import Config
+from .model.gpt import GPT
+from .nn import init
+
+GPT.from_checkpoint = staticmethod(load_model)
+sys.modules[__name__ + ".init"] = init  # ``import litliger.init`` keeps working: the policy lives in nn/
+
+__all__ = ["GPT", "Config", "generate", "load_model"]
 __version__ = "0.1.0"

@@ -33,14 +33,14 @@ INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 def _commands() -> dict[str, Callable]:
     """Subcommand name -> the function it runs (jsonargparse builds the flags from its signature)."""
-    from .adapter import merge_lora_checkpoint
-    from .chat import main as chat
+    from .checkpoint.finetuned import merge_lora_checkpoint
     from .convert import convert_from_hf, convert_to_hf
     from .engine.upgrade import upgrade_checkpoint
-    from .evaluate import main as evaluate
-    from .finetune import setup as finetune
-    from .generate import main as generate
-    from .pretrain import setup as pretrain
+    from .eval.evaluate import main as evaluate
+    from .inference.chat import main as chat
+    from .inference.generate import main as generate
+    from .recipes.finetune import setup as finetune
+    from .recipes.pretrain import setup as pretrain
 
     return {
         "pretrain": pretrain,
@@ -66,10 +66,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, SafetensorError, CheckpointException)
 
 
+def show_field_docs() -> None:
+    """Make jsonargparse read the docstring under each dataclass field (``TrainArgs.max_steps`` ...) as that
+    flag's help, as it reads a function's ``Args:`` section; needs ``docstring-parser`` (jsonargparse[signatures]).
+    """
+    import jsonargparse
+
+    try:  # newer jsonargparse; older ones lack this setting (or the function) and newer ones deprecate the other
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (AttributeError, TypeError):
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    show_field_docs()
     debug = bool(os.environ.get("LITLIGER_DEBUG"))
     errors = _user_errors()
     try:
@@ -145,7 +158,7 @@ def flag_values(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def _read_model_config(path: Path) -> None:
-    from .config import Config
+    from .model.config import Config
 
     Config.from_file(path)
 
@@ -184,23 +197,28 @@ _NOISE = re.compile(
 )
 
 
-def _readable(text: str) -> str:
-    """``Expected a <class 'int'>. Got value: abc`` -> ``got abc, expected int``, and the like."""
+def _readable(text: str, given: str | None = None) -> str:
+    """``Expected a <class 'int'>. Got value: abc`` -> ``got abc, expected int``, and the like; ``given`` is
+    the value a union-type report names once for all its lines (``Expected a Literal[...]`` alone)."""
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("typing.", "")
     text = re.sub(r"Literal\[(.*?)\]", r"one of \1", text)
     text = re.sub(r"^Option '([^']+)' is not accepted$", r"unknown key '\1'", text)
-    return re.sub(r"^Expected an? (.+?)\. Got value: (.*)$", r"got \2, expected \1", text)
+    text = re.sub(r"^Expected an? (.+?)\. Got value: (.*)$", r"got \2, expected \1", text)
+    if given is not None and (match := re.match(r"^Expected an? (.+)$", text)):
+        text = f"got {given}, expected {match[1].removesuffix(f': {given}')}"
+    return text.replace("expected dot import path string", "expected an import path (module.name)")
 
 
 def _details(lines: list[str]) -> str:
     """The informative part of a report on one flag's value, as one line."""
+    given = next((line.split(": ", 1)[1] for line in lines if line.startswith("Given value: ")), None)
     details = [line.removeprefix("- ") for line in lines if line and not _NOISE.match(line)]
     sub_config = next((i for i, line in enumerate(details) if "sub-config file" in line), None)
     if sub_config is not None:  # a file given to the flag is broken: that is the news
         details = details[sub_config:]
     if len(details) > 1:  # "not a path" only matters when nothing better was said
         details = [line for line in details if not line.startswith("Expected a path but")]
-    text = "; ".join(_readable(line) for line in details)
+    text = "; ".join(_readable(line, given) for line in details)
     # nested reports: "Problem with given class_path 'X':; Parser key "k":; <why>" -> "X: k: <why>"
     text = re.sub(r"Problem with given class_path '([^']+)':; ", r"\1: ", text)
     return re.sub(r'Parser key "([^"]+)":;? ', r"\1: ", text) or "invalid value"

@@ -1,9 +1,11 @@
 """Every bad input a user can give ends the command at once with ONE line that says what, where and what
 to do, exit status 1 (2 for command-line parse errors), nothing written.
 
-The table is the contract: a new flag, file or check adds a row here. Every row runs ``litliger.cli.main``
-in-process; pretrain rows fail before the training session starts (a guard makes a row that got that far
-fail in a second instead of training), except the resume rows, which must read a checkpoint to find it bad.
+The table is the contract: a new flag, file or check adds a row here, and every parameter of every command has
+a row or an entry in UNCHECKED (``test_every_flag_has_a_row``). Every row runs ``litliger.cli.main`` in-process;
+pretrain rows fail before the training session starts (a guard makes a row that got that far fail in a second
+instead of training), except the rows with ``--resume`` (RESUME, FRESH), whose checks are made in the session:
+for them (and for finetune) a second guard stops a row that got as far as loading data.
 """
 
 # ruff: noqa: E501 (a row of the table reads best on one line)
@@ -20,25 +22,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-import litliger.chat
-import litliger.evaluate
-import litliger.generate
-import litliger.pretrain
+import litliger.inference.generate
+import litliger.recipes.finetune
+import litliger.recipes.pretrain
 from litliger import GPT, Config
-from litliger.checkpoint import CONFIG_FILE, MODEL_FILE, parameter_state_dict, save_checkpoint
-from litliger.checksums import CHECKSUMS_FILE
-from litliger.cli import main
+from litliger.checkpoint import parameter_state_dict, save_checkpoint
+from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, LOCK_FILE, MODEL_FILE
+from litliger.cli import _commands, main
 from litliger.data import Tokenizer
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs
-from litliger.finetune import FinetuneTrainArgs
-from litliger.lora import LoRAArgs
-from litliger.output_safety import LOCK_FILE
 
 PRETRAIN = ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}", "--train.max_steps", "1"]
 FINETUNE = ["finetune", "--checkpoint_dir", "{ckpt}", "--out_dir", "{out}", "--train.max_steps", "1"]
 RESUME = ["pretrain", "--model_config", "{tiny_yaml}", "--out_dir", "{out}", "--accelerator", "cpu",
           "--train.max_steps", "1", "--resume"]  # fmt: skip
+# a fresh run that enters the training session, for the checks made there (out_dir, the tokenizer folder)
+FRESH = [*RESUME, "false", "--tokenizer_dir", "{tokenizer_dir}"]
 CHAT = ["chat", "{ckpt}"]
 EVALUATE = ["evaluate", "{ckpt}", "--max_seq_length", "16"]
 USAGE = 2  # exit status of a command-line parse error (argparse's)
@@ -76,6 +77,8 @@ ROWS = [
     # --eval.*
     flag("eval.interval", "0", must("eval.interval", "0", ">= 1")),
     flag("eval.max_iters", "0", must("eval.max_iters", "0", ">= 1")),
+    flag("eval.initial_validation", "maybe", r"^got maybe, expected bool, in --eval\.initial_validation; ", USAGE),
+    flag("eval.final_validation", "maybe", r"^got maybe, expected bool, in --eval\.final_validation; ", USAGE),
     # --optimizer.*
     flag("optimizer.name", "Adamw", must("optimizer.name", "'Adamw'", "one of AdamW, Adam, SGD")),
     flag("optimizer.lr", "0", must("optimizer.lr", r"0\.0", "> 0")),
@@ -100,6 +103,19 @@ ROWS = [
     flag("model_name", "llama-9000", r"^unknown model name 'llama-9000', in --model_name; "),
     flag("compile", "maybe", r"^got maybe, expected bool, in --compile; see `litliger pretrain --help`$", USAGE),
     flag("compile", "maybe", r"^got maybe, expected bool, in --compile; see `litliger finetune --help`$", USAGE, FINETUNE),
+    flag("precision", "fp16", r"^got fp16, expected one of 'bf16-mixed', 'bf16-true', '16-true', '32-true', in --precision; see `litliger pretrain --help`$", USAGE),
+    flag("precision", "16-true", r"^precision=16-true cannot train: .*, in --precision; use bf16-mixed, bf16-true or 32-true$"),
+    flag("strategy", "deepspeed", r"^got deepspeed, expected one of 'auto', 'ddp', 'fsdp', in --strategy; ", USAGE),
+    flag("logger", "mlflow", r"^got mlflow, expected one of 'csv', 'tensorboard', 'wandb', in --logger; ", USAGE),
+    flag("seed", "abc", r"^got abc, expected int, in --seed; see `litliger pretrain --help`$", USAGE),
+    pytest.param([*PRETRAIN, "--seed", "-1"], must("seed", "-1", r"in \[0, 4294967295\]"), 1, id="seed=-1"),
+    flag("initial_checkpoint_dir", "{missing}", r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing \(convert "),
+    flag("out_dir", "{ckpt}", r"^out_dir .*/ckpt holds files that are not a litliger run \(.*\), in --out_dir; choose a new or empty folder", base=FRESH),
+    flag("out_dir", "{tiny_yaml}", r"^out_dir .*/tiny\.yaml is an existing file, in --out_dir; choose a folder path$", base=FRESH),
+    flag("tokenizer_dir", "{missing}", r"^tokenizer_dir .*/missing holds no tokenizer\.json, in --tokenizer_dir; name a folder", base=FRESH),
+    pytest.param([*RESUME, "{missing}"], r"^--resume .*/missing: no such checkpoint folder; name a step-XXXXXXXX/ or final/ folder", 1, id="resume=missing"),
+    pytest.param([*RESUME, "{ckpt}"], r"/ckpt is not a training checkpoint: training_state/state\.json is missing \(to start from a model checkpoint without its training state, use --initial_checkpoint_dir\)$", 1, id="resume=model-folder"),
+    pytest.param([*PRETRAIN, "--model_config", "{tiny_yaml}"], r"^give either model_name or model_config, not both$", 1, id="model_config=and-model_name"),
     pytest.param(
         ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}"],
         r"^how long to train is not set, in --train\.max_steps / --train\.max_tokens; ",
@@ -129,10 +145,34 @@ ROWS = [
     flag("lora.alpha", "0", r"^lora\.alpha=0\.0 must be > 0, in --lora\.alpha; ", base=FINETUNE),
     flag("lora.dropout", "1", r"^lora\.dropout=1\.0 must be in \[0, 1\), in --lora\.dropout; ", base=FINETUNE),
     flag("lora.targets", "[attn]", r"^lora\.targets has unknown \['attn'\], in --lora\.targets; ", base=FINETUNE),
+    flag("lora.targets", "[]", r"^lora\.targets is empty, in --lora\.targets; choose some of ", base=FINETUNE),
     flag("train.epochs", "0", must("train.epochs", "0", ">= 1"), base=FINETUNE),
     flag("train.trainable", "[nothing.*]", r"^train\.trainable pattern 'nothing\.\*' matches no parameter of tiny, in --train\.trainable; ", base=FINETUNE),
     pytest.param([*FINETUNE, "--data", "litliger.data.Instructions", "--data.json_path", "{missing}"], r"/missing does not exist, in --data\.json_path; ", 1, id="data.json_path=missing"),
     pytest.param([*FINETUNE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{tokenizer_dir}"], r"^finetuning needs instruction data, got TextFiles, in --data; ", 1, id="data=TextFiles"),
+    flag("out_dir", "{ckpt}", r"^out_dir .*/ckpt holds files that are not a litliger run \(.*\), in --out_dir; ", base=FINETUNE),
+    flag("precision", "16-true", r"^precision=16-true cannot train: .*, in --precision; ", base=FINETUNE),
+    flag("precision", "fp16", r"^got fp16, expected one of .*, in --precision; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    flag("resume", "{missing}", r"^--resume .*/missing: no such checkpoint folder; name a step-XXXXXXXX/ or final/ folder", base=FINETUNE),
+    flag("devices", "0", r"^devices=0 must be an integer >= 1, in --devices", base=FINETUNE),
+    flag("num_nodes", "0", r"^num_nodes=0 must be an integer >= 1, in --num_nodes", base=FINETUNE),
+    flag("accelerator", "tpu", r"^got tpu, expected one of .*, in --accelerator; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    flag("strategy", "deepspeed", r"^got deepspeed, expected one of .*, in --strategy; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    flag("logger", "mlflow", r"^got mlflow, expected one of .*, in --logger; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    flag("seed", "abc", r"^got abc, expected int, in --seed; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    # merge_lora, convert_from_hf, convert_to_hf, upgrade_checkpoint: the folders, --dtype, --overwrite
+    pytest.param(["merge_lora", "{ckpt}", "{out}"], r"/ckpt is not a finetuning checkpoint: finetune\.yaml is missing$", 1, id="checkpoint_dir=not-a-finetune"),
+    pytest.param(["merge_lora", "{finetune_record}", "{finetune_record}"], r"^output folder .*/finetune_record is the input folder; choose another folder$", 1, id="out_dir=input"),
+    flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger merge_lora --help`$", USAGE, base=["merge_lora", "{ckpt}", "{out}"]),
+    pytest.param(["convert_from_hf", "{missing}", "{out}"], r"/missing is not a Hugging Face model folder: config\.json is missing$", 1, id="hf_dir=missing"),
+    pytest.param(["convert_from_hf", "{missing}", "{tokenizer_dir}"], r"^output folder .*/tokenizer is not empty \(.*\); choose an empty or new folder, or pass --overwrite true", 1, id="out_dir=not-empty"),
+    flag("dtype", "bfloat16", r"^got bfloat16, expected an import path \(module\.name\), in --dtype; see `litliger convert_from_hf --help`$", USAGE, base=["convert_from_hf", "{missing}", "{out}"]),
+    flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_from_hf --help`$", USAGE, base=["convert_from_hf", "{missing}", "{out}"]),
+    pytest.param(["convert_to_hf", "{missing}", "{out}"], r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, id="checkpoint_dir=missing"),
+    pytest.param(["convert_to_hf", "{ckpt}", "{ckpt}"], r"^output folder .*/ckpt is the input folder; choose another folder$", 1, id="out_dir=input"),
+    flag("dtype", "torch.nope", r"^torch\.nope: module 'torch' has no attribute 'nope', in --dtype; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    pytest.param(["upgrade_checkpoint", "{ckpt}"], r"/ckpt holds no training state of an earlier litliger \(training_state/rank00000\.pt\), in upgrade_checkpoint; nothing to convert$", 1, id="checkpoint_dir=not-legacy"),
     # generate: sampling arguments (checked before the checkpoint is read)
     flag("max_new_tokens", "-1", must("max_new_tokens", "-1", ">= 0"), base=["generate", "{ckpt}"]),
     flag("temperature", "-1", must("temperature", r"-1\.0", ">= 0"), base=["generate", "{ckpt}"]),
@@ -142,10 +182,12 @@ ROWS = [
     flag("device", "tpu", r"^device='tpu' is not a device, in --device; ", base=["generate", "{ckpt}"]),
     flag("precision", "bf16-mixed", r"^got bf16-mixed, expected one of 'auto', '32-true', 'bf16-true', '16-true', in --precision; ", USAGE, base=["generate", "{ckpt}"]),
     flag("prompt", "", r"^the prompt is empty, in --prompt; ", base=["generate", "{ckpt}"]),
+    flag("seed", "abc", r"^got abc, expected int, in --seed; see `litliger generate --help`$", USAGE, base=["generate", "{ckpt}"]),
+    flag("raw", "maybe", r"^got maybe, expected bool, in --raw; see `litliger generate --help`$", USAGE, base=["generate", "{ckpt}"]),
     pytest.param(["generate", "{ckpt}", "--prompt", "alpha beta " * 40], r"^the prompt is \d+ tokens, longer than the model's max_seq_length=32, in --prompt; shorten it$", 1, id="prompt=too-long"),
-    pytest.param(["generate", "{no_tokenizer}", "--prompt", "a"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; copy ", 1, id="generate-no-tokenizer"),
+    pytest.param(["generate", "{no_tokenizer}", "--prompt", "a"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; copy ", 1, id="checkpoint_dir=no-tokenizer"),
     # generate: checkpoint folders with a missing or corrupt file name the file
-    pytest.param(["generate", "{missing}"], r"^No tokenizer\.json in .*/missing: ", 1, id="generate-missing-dir"),
+    pytest.param(["generate", "{missing}"], r"^No tokenizer\.json in .*/missing: ", 1, id="checkpoint_dir=missing"),
     pytest.param(["generate", "{corrupt_model_config}"], rf"^invalid YAML \(.*\), in .*/corrupt_model_config/{CONFIG_FILE}; ", 1, id="corrupt-model_config.yaml"),
     pytest.param(["generate", "{corrupt_tokenizer}"], r"^unreadable tokenizer \(.*\), in .*/corrupt_tokenizer/tokenizer\.json; ", 1, id="corrupt-tokenizer.json"),
     pytest.param(["generate", "{corrupt_tokenizer_config}"], r"^invalid JSON \(.*\), in .*/corrupt_tokenizer_config/tokenizer_config\.json; ", 1, id="corrupt-tokenizer_config.json"),
@@ -161,7 +203,8 @@ ROWS = [
     flag("max_seq_length", "33", r"^max_seq_length=33 exceeds the model's block_size=32, in --max_seq_length; use at most 32$", base=CHAT),
     flag("precision", "64-true", r"^got 64-true, expected one of .*, in --precision; ", USAGE, base=CHAT),
     flag("device", "cuda:x", r"^device='cuda:x' is not a device, in --device; ", base=CHAT),
-    pytest.param(["chat", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="chat-no-tokenizer"),
+    flag("seed", "abc", r"^got abc, expected int, in --seed; see `litliger chat --help`$", USAGE, base=CHAT),
+    pytest.param(["chat", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="checkpoint_dir=no-tokenizer"),
     # evaluate
     flag("batch_size", "0", must("batch_size", "0", ">= 1"), base=EVALUATE),
     flag("max_seq_length", "0", must("max_seq_length", "0", ">= 1"), base=EVALUATE),
@@ -169,9 +212,11 @@ ROWS = [
     flag("max_batches", "0", must("max_batches", "0", ">= 1"), base=EVALUATE),
     flag("precision", "fp32", r"^got fp32, expected one of .*, in --precision; ", USAGE, base=EVALUATE),
     flag("device", "tpu", r"^device='tpu' is not a device, in --device; ", base=EVALUATE),
+    flag("out_file", "{ckpt}", r"/ckpt is a folder, in --out_file; give the path of a file to write the JSON to$", base=EVALUATE),
+    flag("out_file", "{tiny_yaml}/eval.json", r"/tiny\.yaml is a file, not a folder, in --out_file .*/tiny\.yaml/eval\.json; ", base=EVALUATE),
     flag("data", "litliger.data.Nope", r"^litliger\.data\.Nope: module 'litliger\.data' has no attribute 'Nope', in --data; ", USAGE, base=EVALUATE),
     pytest.param([*EVALUATE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{corpus}", "--data.val_split_fraction", "0"], r"^TextFiles has no validation split, in --data; set --data\.val_split_fraction above 0$", 1, id="data=no-val-split"),
-    pytest.param(["evaluate", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="evaluate-no-tokenizer"),
+    pytest.param(["evaluate", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="checkpoint_dir=no-tokenizer"),
     # resume: a training checkpoint with a corrupt training state names the file
     pytest.param([*RESUME, "{corrupt_state}"], r"/corrupt_state/training_state/state\.json is corrupt \(.*\); resume from another", 1, id="corrupt-state.json"),
     pytest.param([*RESUME, "{corrupt_rank_state}"], r"/corrupt_rank_state/training_state/rank0+\.json has \d+ bytes but was written with \d+: the file is corrupt or incomplete", 1, id="corrupt-rank-state"),
@@ -256,6 +301,16 @@ class Files:
         return copy
 
     @cached_property
+    def finetune_record(self) -> Path:
+        """A folder with only a finetune.yaml naming ``ckpt`` as its base: merge_lora checks its output folder
+        before it reads anything else."""
+        folder = self.root / "finetune_record"
+        folder.mkdir()
+        base = {"checkpoint_dir": str(self.ckpt), "tensors_sha256": "0" * 64}
+        (folder / "finetune.yaml").write_text(yaml.safe_dump({"method": "lora", "trainable": [], "base": base}))
+        return folder
+
+    @cached_property
     def corpus(self) -> Path:
         assert self.tokenizer is not None  # writes the corpus
         return self.root / "corpus"
@@ -302,7 +357,7 @@ class Files:
     def training_ckpt(self) -> Path:
         """A real training checkpoint: a 0-step run writes final/ with the optimizer and RNG state."""
         out = self.root / "run"
-        return litliger.pretrain.setup(
+        return litliger.recipes.pretrain.setup(
             model_config=self.config,
             out_dir=out,
             accelerator="cpu",
@@ -336,27 +391,45 @@ def _no_training(*args, **kwargs):
     raise RuntimeError("the bad input was not refused before the training session")
 
 
-# Flags with nothing to refuse: switches, free text and output paths.
-UNCHECKED = {"eval.initial_validation", "eval.final_validation", "sample.prompt", "seed", "raw", "out_file"}
+# Flags with no value to refuse (any text is valid), with the reason; for every command that has the flag.
+UNCHECKED = {
+    "sample.prompt": "free text: any string is a prompt (empty: the pretrain sample starts from nothing)",
+}
+
+
+def command_flags() -> dict[str, set[str]]:
+    """Command -> the names of its flags and positionals: every parameter of the function it runs, an argument
+    group (a dataclass default, ``train: TrainArgs = TrainArgs()``) as its fields (``train.max_steps``)."""
+    flags = {}
+    for command, function in _commands().items():
+        names = set()
+        for name, parameter in inspect.signature(function).parameters.items():
+            if dataclasses.is_dataclass(parameter.default):
+                names |= {f"{name}.{field.name}" for field in dataclasses.fields(parameter.default)}
+            else:
+                names.add(name)
+        flags[command] = names
+    return flags
 
 
 def test_every_flag_has_a_row():
-    """A new field of an argument group (or a new parameter of generate, chat or evaluate) must come with its
-    check and a row."""
-    groups = {"train": FinetuneTrainArgs, "eval": EvalArgs, "optimizer": OptimizerArgs, "sample": litliger.generate.SampleArgs,
-              "lora": LoRAArgs}  # fmt: skip
-    flags = {f"{prefix}.{f.name}" for prefix, cls in groups.items() for f in dataclasses.fields(cls)}
-    covered = {row.id.split("=", 1)[0] for row in ROWS}
-    missing = sorted(flags - UNCHECKED - covered)
-    for command, function in [
-        ("generate", litliger.generate.main),
-        ("chat", litliger.chat.main),
-        ("evaluate", litliger.evaluate.main),
-    ]:
-        flags = set(inspect.signature(function).parameters) - {"checkpoint_dir"} - UNCHECKED
-        covered = {row.id.split("=", 1)[0] for row in ROWS if row.values[0][0] == command}
-        missing += [f"{command} --{name}" for name in sorted(flags - covered)]
+    """A new parameter of any command, or a new field of an argument group, must come with its check and a row
+    (or an UNCHECKED entry saying why there is nothing to refuse).
+
+    A row covers the flag its id names (``<flag>=<value>``) for the command it runs; a group field's check
+    lives in its dataclass, so one row covers it for every command that takes the group."""
+    flags = command_flags()
+    assert set(flags) == {*_commands()} and all(flags.values())
+    covered = {(row.values[0][0], row.id.split("=", 1)[0]) for row in ROWS}
+    covered_anywhere = {name for _, name in covered}
+    missing = []
+    for command, names in flags.items():
+        for name in sorted(names - set(UNCHECKED)):
+            group_field = "." in name
+            if (command, name) not in covered and not (group_field and name in covered_anywhere):
+                missing.append(f"{command} --{name}")
     assert missing == []
+    assert set(UNCHECKED) <= set().union(*flags.values()), "an UNCHECKED entry names no flag of any command"
 
 
 @pytest.mark.parametrize(("argv", "expected", "code"), ROWS)
@@ -366,7 +439,9 @@ def test_bad_input_is_one_line(argv, expected, code, files, tmp_path, capsys, mo
     values = {name: getattr(files, name) for name in names - {"out"}}
     argv = [arg.format(out=out, **values) for arg in argv]
     if "--resume" not in argv:
-        monkeypatch.setattr(litliger.pretrain, "training_session", _no_training)
+        monkeypatch.setattr(litliger.recipes.pretrain, "training_session", _no_training)
+    for recipe in (litliger.recipes.pretrain, litliger.recipes.finetune):
+        monkeypatch.setattr(recipe, "data_loaders", _no_training)  # a row in the session goes no further
     capsys.readouterr()
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
@@ -387,7 +462,7 @@ def test_interrupt_is_one_line_and_exit_130(capsys, monkeypatch):
     def interrupted(checkpoint_dir: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(litliger.generate, "main", interrupted)
+    monkeypatch.setattr(litliger.inference.generate, "main", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "ckpt"])
     assert exit_info.value.code == 130
@@ -401,7 +476,7 @@ def test_checkpoint_exception_is_one_line(capsys, monkeypatch):
     def broken(checkpoint_dir: Path) -> None:
         raise CheckpointException("load failed", {0: (FileNotFoundError("__0_0.distcp: no such file"), None)})
 
-    monkeypatch.setattr(litliger.generate, "main", broken)
+    monkeypatch.setattr(litliger.inference.generate, "main", broken)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "ckpt"])
     assert exit_info.value.code == 1
@@ -428,7 +503,7 @@ def test_bugs_are_not_disguised_as_user_errors(monkeypatch):
     def bug(checkpoint_dir: Path) -> None:
         raise TypeError("a programming error keeps its traceback")
 
-    monkeypatch.setattr(litliger.generate, "main", bug)
+    monkeypatch.setattr(litliger.inference.generate, "main", bug)
     with pytest.raises(TypeError):
         main(["generate", "ckpt"])
 
@@ -437,7 +512,7 @@ def test_bugs_are_not_disguised_as_user_errors(monkeypatch):
 
 
 def test_top_p_keeps_the_most_likely_tokens_up_to_the_first_that_reaches_p():
-    from litliger.generate import _top_p_filter
+    from litliger.inference.sampling import _top_p_filter
 
     logits = torch.log(torch.tensor([0.1, 0.5, 0.15, 0.25]))
     for top_p, kept in [(0.4, [1]), (0.7, [1, 3]), (0.8, [1, 2, 3]), (1.0, [0, 1, 2, 3])]:
@@ -447,7 +522,7 @@ def test_top_p_keeps_the_most_likely_tokens_up_to_the_first_that_reaches_p():
 
 
 def test_tiny_top_p_samples_greedily():
-    from litliger.generate import generate
+    from litliger.inference.generate import generate
 
     class Fixed(torch.nn.Module):  # the same next-token distribution everywhere, most likely token 3
         def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 from test_finetune import REPO, make_base, tiny_config
 
 from litliger import GPT
-from litliger.chat import chat_style, conversation_text
-from litliger.chat import main as chat
 from litliger.data import Tokenizer
+from litliger.inference.chat import chat_style, conversation_text
+from litliger.inference.chat import main as chat
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from litliger import GPT, Config
-from litliger.checkpoint import CONFIG_FILE, MODEL_FILE, load_state_dict
-from litliger.checksums import CHECKSUMS_FILE, write_checksums
+from litliger.checkpoint import load_state_dict
+from litliger.checkpoint.checksums import write_checksums
+from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, MODEL_FILE
 from litliger.convert import config_from_hf, config_to_hf, convert_from_hf, convert_to_hf
 from litliger.kernels import use_backend
 

@@ -15,8 +15,8 @@ from test_finetune import make_base, tiny_config, write_instructions
 from litliger import GPT
 from litliger.cli import main as cli_main
 from litliger.data import Instructions, TextFiles, Tokenizer
-from litliger.evaluate import continuation_logprob, rolling_logprob
-from litliger.evaluate import main as evaluate
+from litliger.eval.evaluate import main as evaluate
+from litliger.eval.scoring import continuation_logprob, rolling_logprob
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_lm_eval_model(base):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from litliger.evaluate import LitligerLM
+    from litliger.eval.lm_eval import LitligerLM
 
     lm = LitligerLM(checkpoint_dir=base, device="cpu")
     request = lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0)
@@ -114,7 +114,7 @@ def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from litliger.evaluate import LitligerLM
+    from litliger.eval.lm_eval import LitligerLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

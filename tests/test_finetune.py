@@ -14,16 +14,17 @@ import torch
 from safetensors import safe_open
 
 from litliger import GPT, Config
-from litliger.adapter import build_finetune_model, load_finetuned, merge_lora_checkpoint
-from litliger.checkpoint import FINETUNE_FILE, MODEL_FILE, TRAINABLE_FILE, load_state_dict
-from litliger.checksums import write_checksums
+from litliger.checkpoint import load_state_dict
+from litliger.checkpoint.checksums import write_checksums
+from litliger.checkpoint.finetuned import load_finetuned, merge_lora_checkpoint
+from litliger.checkpoint.layout import FINETUNE_FILE, MODEL_FILE, TRAINABLE_FILE
 from litliger.data import Instructions, TextFiles
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs
-from litliger.finetune import FinetuneTrainArgs
-from litliger.finetune import setup as finetune
-from litliger.generate import SampleArgs
-from litliger.lora import LoRAArgs
-from litliger.pretrain import setup as pretrain
+from litliger.inference.sampling import SampleArgs
+from litliger.model.lora import LoRAArgs
+from litliger.recipes.finetune import FinetuneTrainArgs, build_finetune_model
+from litliger.recipes.finetune import setup as finetune
+from litliger.recipes.pretrain import setup as pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()  # noqa: SIM905
@@ -249,9 +250,9 @@ def test_step_loss_is_normalised_by_the_response_tokens_of_the_whole_step(tmp_pa
 def test_learned_positions_and_raw_parameters_are_trainable_by_name(tmp_path, records):
     from torch import nn
 
-    from litliger import init
     from litliger.engine import make_fabric
-    from litliger.engine.checkpointing import _gathered_parameters
+    from litliger.engine.training_state import _gathered_parameters
+    from litliger.nn import init
 
     class Gain(nn.Module):
         """A module owning a bare nn.Parameter (not a layer's weight), initialised by the policy."""
@@ -268,7 +269,7 @@ def test_learned_positions_and_raw_parameters_are_trainable_by_name(tmp_path, re
     assert "transformer.wpe.weight" in trainable
     model = GPT(gpt2_config())
     model.transformer["gain"] = Gain(32)
-    from litliger.adapter import select_trainable
+    from litliger.model.lora import select_trainable
 
     names = select_trainable(model, "lora", ("transformer.gain.gain", "transformer.wpe.weight"))
     assert names == ["transformer.wpe.weight", "transformer.gain.gain"]

@@ -15,7 +15,7 @@ from test_finetune import gpt2_config, make_base, run, tiny_config, write_instru
 from litliger import GPT
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf
-from litliger.generate import generate, generate_tokens, left_pad_prompts
+from litliger.inference.generate import generate, generate_tokens, left_pad_prompts
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ from test_model import FAMILIES, tiny_config
 from torch import nn
 
 from litliger import GPT, Config
-from litliger.init import InitPolicy, assert_replicas_identical, init_parameter, init_weights
 from litliger.nn import Embedding, LayerNorm, Linear, RMSNorm
+from litliger.nn.init import InitPolicy, assert_replicas_identical, init_parameter, init_weights
 
 
 def build_on_meta(config: Config) -> GPT:

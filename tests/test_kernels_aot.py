@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import litliger.kernels as kernels_pkg
-from litliger.kernel_specs import DTYPE_NAMES, published_names
-from litliger.kernels.aot import ARCHS, SM_LIMITS
+from litliger.tools.aot import ARCHS, SM_LIMITS
+from litliger.tools.kernel_specs import DTYPE_NAMES, published_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def _aot(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")  # fresh: nothing compiled before can hide a failure
     out = tmp / "builds.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "litliger.kernels.aot", "--json", str(out), *args],
+        [sys.executable, "-m", "litliger.tools.aot", "--json", str(out), *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -17,10 +17,10 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from litliger.config import Config
 from litliger.kernels import use_backend
 from litliger.kernels._custom_ops import OPS
-from litliger.model import GPT
+from litliger.model.config import Config
+from litliger.model.gpt import GPT
 
 ops = torch.ops.litliger
 
@@ -167,13 +167,29 @@ def test_triton_path_traces_forward_and_backward_on_meta_tensors() -> None:
 
 
 def test_setup_model_compiles_in_place() -> None:
-    """``--compile``: the engine compiles the model in place, so parameter names (checkpoints) do not change."""
+    """``--compile``: the engine compiles the model in place, so parameter names (checkpoints) do not change, and
+    a training step (forward + backward, inductor as the engine uses it) gives eager's loss and gradients."""
+    from torch._dynamo.utils import counters
+
     from litliger.engine import make_fabric, setup_model, unwrap
 
     fabric = make_fabric(accelerator="cpu")
     config = Config.from_name("debug-llama", n_layer=1)
+    torch._dynamo.reset()
+    counters.clear()
     model = setup_model(fabric, lambda: GPT(config), seed=0, resuming=False, compile=True)
     assert unwrap(model)._compiled_call_impl is not None
     assert next(iter(unwrap(model).state_dict())) == "transformer.wte.weight"
     plain = setup_model(fabric, lambda: GPT(config), seed=0, resuming=False)
     assert unwrap(plain)._compiled_call_impl is None
+    for (n, p), (n2, p2) in zip(unwrap(model).named_parameters(), unwrap(plain).named_parameters(), strict=True):
+        assert n == n2 and torch.equal(p, p2), n
+    idx, targets = torch.randint(0, config.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(0))
+    targets[0, :5] = -100
+    loss, grads = _grads(plain, plain, idx, targets)
+    c_loss, c_grads = _grads(model, model, idx, targets)
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] == 1  # it ran compiled, in one graph
+    torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
+    assert c_grads.keys() == grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(c_grads[n], g, atol=1e-5, rtol=1e-5, msg=n)

@@ -1,4 +1,4 @@
-"""The bytes-moved counter (litliger/kernels/traffic.py) sees a kernel that rereads its input."""
+"""The bytes-moved counter (litliger/tools/traffic.py) sees a kernel that rereads its input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from litliger.kernels import rms_norm as rms_norm_op
 from litliger.kernels import use_backend
 from litliger.kernels._launch import capture_launches
-from litliger.kernels.traffic import plan_traffic
+from litliger.tools.traffic import plan_traffic
 
 rms_module = importlib.import_module("litliger.kernels.rms_norm")  # the package attribute is the op
 

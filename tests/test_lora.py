@@ -7,6 +7,7 @@ import copy
 import math
 import os
 
+import litliger.init as init_module
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,13 +16,12 @@ import torch.nn.functional as F
 from test_init import _free_port, _setup, build_on_meta
 from test_model import tiny_config
 
-import litliger.init as init_module
-import litliger.model as model_module
+import litliger.model.gpt as model_module
 from litliger import GPT, Config
-from litliger.init import init_weights
 from litliger.kernels import use_backend
-from litliger.lora import LoRAArgs, apply_lora, lora_parameter_names, merge_lora, merge_lora_state_dict
+from litliger.model.lora import LoRAArgs, apply_lora, lora_parameter_names, merge_lora, merge_lora_state_dict
 from litliger.nn import Linear
+from litliger.nn.init import init_weights
 
 ALL = ("qkv", "proj", "mlp", "lm_head")
 
@@ -240,7 +240,7 @@ def test_lm_head_adapter_under_the_triton_kernel():
 # --- merging ----------------------------------------------------------------------------------------------
 
 # Measured max |logit difference| merged vs unmerged over llama, gpt2, pythia, gemma, qwen3 tiny configs and
-# 3 seeds (see litliger/lora.py): <= 1.9e-6 in fp32, <= 5.3e-2 under bf16 autocast (logits up to ~3.5).
+# 3 seeds (see litliger/model/lora.py): <= 1.9e-6 in fp32, <= 5.3e-2 under bf16 autocast (logits up to ~3.5).
 FP32_MERGE_ATOL, BF16_MERGE_ATOL = 1e-5, 0.1
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from litliger import GPT, Config
-from litliger.checkpoint import MODEL_FILE, load_model_weights, parameter_state_dict, save_checkpoint
-from litliger.config import flops_per_token, num_parameters
-from litliger.configs import CONFIGS
+from litliger.checkpoint import load_model_weights, parameter_state_dict, save_checkpoint
+from litliger.checkpoint.layout import MODEL_FILE
 from litliger.kernels import use_backend
+from litliger.model.config import flops_per_token, num_parameters
+from litliger.model.registry import CONFIGS
 
 # Tiny variants of every architecture family in the registry.
 FAMILIES = {

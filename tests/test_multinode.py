@@ -13,7 +13,7 @@ import pytest
 from test_pretrain import REPO, cli_args, losses, run, write_corpus
 
 from litliger.engine import TrainArgs, find_resume_checkpoint
-from litliger.engine.checkpointing import _wait_until_visible, prune_step_checkpoints, read_state
+from litliger.engine.training_state import _wait_until_visible, prune_step_checkpoints, read_state
 
 STEPS = 24
 SAVE_EVERY = 4

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from litliger import Config
-from litliger.checkpoint import CONFIG_FILE, load_state_dict, save_checkpoint
-from litliger.checksums import CHECKSUMS_FILE
+from litliger.checkpoint import load_state_dict, save_checkpoint
+from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, LOCK_FILE
+from litliger.checkpoint.safety import LockHolder, RunLock, RunLockedError, check_output_dir
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf, convert_to_hf
 from litliger.convert.weight_maps import model_shapes
-from litliger.output_safety import LOCK_FILE, LockHolder, RunLock, RunLockedError, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -300,7 +300,7 @@ def python(code: str, *args: str) -> subprocess.Popen:
 
 TRY_ACQUIRE = """
 import sys
-from litliger.output_safety import RunLock
+from litliger.checkpoint.safety import RunLock
 try:
     RunLock(sys.argv[1]).acquire()
 except ValueError as e:
@@ -310,7 +310,7 @@ except ValueError as e:
 
 HOLD = """
 import sys, time
-from litliger.output_safety import RunLock
+from litliger.checkpoint.safety import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from litliger import GPT, Config
-from litliger.checkpoint import MODEL_FILE, load_state_dict
+from litliger.checkpoint import load_state_dict
+from litliger.checkpoint.layout import MODEL_FILE
 from litliger.data import TextFiles
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs, find_resume_checkpoint
-from litliger.init import InitPolicy
 from litliger.nn import Embedding, Linear
-from litliger.pretrain import setup
+from litliger.nn.init import InitPolicy
+from litliger.recipes.pretrain import setup
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()  # noqa: SIM905
@@ -170,7 +171,7 @@ def test_resume_does_not_reinitialise(tmp_path, corpus):
     # make the stored weights recognisable: an init would overwrite them
     from safetensors.torch import save_file
 
-    from litliger.checksums import write_checksums
+    from litliger.checkpoint.checksums import write_checksums
 
     weights = load_state_dict(ckpt)
     weights["transformer.ln_f.weight"] = torch.full_like(weights["transformer.ln_f.weight"], 3.0)
@@ -222,7 +223,7 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, corpus):
 def test_kill_during_save_leaves_previous_checkpoints(tmp_path, corpus, monkeypatch):
     out = tmp_path / "out"
     run(out, corpus, steps=2, save_interval=1)
-    import litliger.pretrain as pretrain
+    import litliger.recipes.pretrain as pretrain
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died while writing the weights
@@ -358,7 +359,7 @@ def test_config_hub_files_parse(config_file, capsys):
 def test_pretrained_checkpoint_exports_to_transformers_and_generates(tmp_path, corpus):
     transformers = pytest.importorskip("transformers")
     from litliger.convert import convert_to_hf
-    from litliger.generate import main as generate_main
+    from litliger.inference.generate import main as generate_main
 
     final = run(tmp_path / "out", corpus, steps=3)
     convert_to_hf(final, tmp_path / "hf")

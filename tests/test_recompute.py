@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_model import FAMILIES, tiny_config
 
-import litliger.model as model_module
+import litliger.model.gpt as model_module
 from litliger import GPT
 from litliger.kernels import geglu, glu_linear, rms_norm, swiglu, use_backend
 from litliger.nn import GeGLUMLP, GeluMLP, SwiGLUMLP

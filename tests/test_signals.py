@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_pretrain import REPO, cli_args, losses, write_corpus
 
-from litliger.checkpoint import MODEL_FILE
+from litliger.checkpoint.layout import MODEL_FILE
 from litliger.data.cache import reclaim_stale
 from litliger.engine import find_resume_checkpoint
 
@@ -37,8 +37,8 @@ def _targets() -> dict:
     import litliger.data.text_files
     import litliger.data.tokenizer
     import litliger.engine.loop
-    import litliger.pretrain
-    import litliger.recipe
+    import litliger.recipes.common
+    import litliger.recipes.pretrain
 
     return {
         # a signal while the BPE trainer (Rust) consumes the corpus: at the nth text it reads
@@ -51,8 +51,8 @@ def _targets() -> dict:
         # after the step's backward, before its optimizer step
         "step": (litliger.engine.loop, "_clip_gradients", False, False),
         # mid-save: the optimizer state is written, the weights are not yet
-        "save": (litliger.pretrain, "write_model_files", False, False),
-        "sample": (litliger.recipe, "complete", False, False),
+        "save": (litliger.recipes.pretrain, "write_model_files", False, False),
+        "sample": (litliger.recipes.common, "complete", False, False),
     }
 
 

@@ -22,12 +22,12 @@ from test_finetune import run as finetune_run
 from test_finetune import tiny_config as finetune_config
 from test_pretrain import cli_args, losses, write_corpus
 
-from litliger.checkpoint import MODEL_FILE, TRAINABLE_FILE, load_state_dict
-from litliger.checksums import CHECKSUMS_FILE, read_checksums, verify_checksums, write_checksums
+from litliger.checkpoint import load_state_dict
+from litliger.checkpoint.checksums import read_checksums, verify_checksums, write_checksums
+from litliger.checkpoint.layout import CHECKSUMS_FILE, LOCK_FILE, MODEL_FILE, STATE_DIR, TRAINABLE_FILE
+from litliger.checkpoint.safety import check_run_dir
+from litliger.checkpoint.tensor_files import save_tensors, tensor_digest
 from litliger.cli import main
-from litliger.engine.checkpointing import STATE_DIR
-from litliger.output_safety import LOCK_FILE, check_run_dir
-from litliger.tensor_files import save_tensors, tensor_digest
 
 
 class Payload:

@@ -4,7 +4,9 @@
 writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Every parameter is produced
 exactly once; a missing, unknown or mis-shaped weight is an error that names it. Neither replaces a non-empty
 ``OUT_DIR`` unless ``overwrite=True``, nor ever an input, a folder around or inside one, or a training run's
-folder (``litliger.output_safety.check_output_dir``). See tutorials/convert.md.
+folder (``litliger.checkpoint.safety.check_output_dir``). See tutorials/convert.md.
+
+May import: ``util``, ``kernels``, ``nn``, ``model``, ``checkpoint``, ``data``; not the engine.
 """
 
 from .from_hf import convert_from_hf

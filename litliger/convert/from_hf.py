@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, copy_tokenizer_files, write_model_files
-from ..config import Config
-from ..output_safety import check_output_dir
+from ..checkpoint.io import atomic_dir, copy_tokenizer_files, write_model_files
+from ..checkpoint.safety import check_output_dir
+from ..model.config import Config
 from .hf_config import config_from_hf, hf_family, read_hf_config
 from .hf_files import HFWeights
 from .weight_maps import FamilyMap, family_map, listing, model_shapes
@@ -31,6 +31,12 @@ def convert_from_hf(
     a folder around or inside it, or a training run's folder is refused always (see ``check_output_dir``).
     Raises ``ValueError`` naming any missing, unknown or mis-shaped weight, and any config.json setting the
     litliger model cannot express.
+
+    Args:
+        hf_dir: a Hugging Face model folder: config.json, the weights (safetensors or .bin) and tokenizer files.
+        out_dir: the litliger checkpoint folder to write (a new or empty one, else ``--overwrite true``).
+        dtype: cast floating-point tensors to this torch dtype, e.g. ``torch.bfloat16`` (default: keep them).
+        overwrite: replace a non-empty ``out_dir`` (never the input, a folder around or inside it, or a run).
     """
     hf_dir = Path(hf_dir)
     check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..model.config import Config
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "gpt2")
 ARCHITECTURES = {

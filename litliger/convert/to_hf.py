@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
-from ..config import Config
-from ..output_safety import check_output_dir
-from ..tensor_files import save_tensors
+from ..checkpoint.io import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
+from ..checkpoint.safety import check_output_dir
+from ..checkpoint.tensor_files import save_tensors
+from ..model.config import Config
 from .from_hf import GENERATION_CONFIG
 from .hf_config import config_to_hf
 from .weight_maps import family_map, listing, model_shapes
@@ -33,6 +33,12 @@ def convert_to_hf(
     folder around or inside it) or another training run's folder is refused always (``check_output_dir``).
     Raises ``ValueError`` when no Hugging Face family can express the Config (naming the field) or the
     weights do not match it.
+
+    Args:
+        checkpoint_dir: a litliger checkpoint folder (model.safetensors, model_config.yaml, tokenizer files).
+        out_dir: the Hugging Face folder to write (a new or empty one, else ``--overwrite true``).
+        dtype: cast floating-point tensors to this torch dtype, e.g. ``torch.bfloat16`` (default: keep them).
+        overwrite: replace a non-empty ``out_dir`` (never the checkpoint, a folder around or inside it, or a run).
     """
     checkpoint_dir = Path(checkpoint_dir)
     check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config
+from ..model.config import Config
 
 Join = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 Split = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -235,7 +235,7 @@ def _sources(fmap: FamilyMap) -> list[str]:
 
 def model_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every parameter of ``GPT(config)`` (built on the meta device: no memory)."""
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(config)

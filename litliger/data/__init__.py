@@ -1,7 +1,8 @@
 """Data: tokenizers, text corpora tokenized into litdata caches, instruction data, and resumable loaders.
 
 Layering: this package may use torch, tokenizers, litdata and jinja2 (chat templates; a torch dependency),
-never the model, the engine or Fabric.
+never the model, the checkpoint package, the engine or Fabric (``litliger.util`` is fine).
+The chat-template sandbox (``sandbox.py``) bounds what a model folder's template may render.
 """
 
 from litliger.data.base import DataModule, ResumableLoader, infinite_batches

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from litliger.data.cache import cache_root, json_digest, publish_dir
-from litliger.data.instructions import Instructions
+from litliger.data.instructions import Instructions, jsonl_lines
 from litliger.data.stdlib import PythonStdlib, stdlib_dir
 
 FORMAT_VERSION = 1
@@ -77,8 +77,7 @@ class PythonDocstrings(Instructions):
 
     def training_files(self) -> list[Path]:
         """The standard-library files the records come from (a tokenizer is better trained on code than JSON)."""
-        with open(self.source(), encoding="utf-8") as f:
-            names = dict.fromkeys(json.loads(line)["file"] for line in f)
+        names = dict.fromkeys(json.loads(line)["file"] for _, line in jsonl_lines(self.source()) if line.strip())
         return [stdlib_dir() / n for n in names]
 
     def _build(self) -> Iterator[dict[str, str]]:
@@ -104,7 +103,9 @@ def file_records(source: str, max_response_chars: int, max_docstring_chars: int)
             tree = ast.parse(source)
         except SyntaxError:
             return
-    lines = source.splitlines(keepends=True)
+    # ast numbers lines at "\n" only (the text was read with universal newlines); str.splitlines would also
+    # split at a form feed, U+2028 and the like and shift every line after one
+    lines = [line + "\n" for line in source.split("\n")]
     for node in tree.body:
         if isinstance(node, _Function):
             candidates = [(node, None)]

@@ -14,8 +14,10 @@ Everything happens in memory in `setup()`: tokenizing tens of thousands of recor
 
 from __future__ import annotations
 
+import codecs
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +52,10 @@ def read_records(path: Path, group_by: str | None = None) -> list[Record]:
     """The records of a `.json` (a list) or `.jsonl` file; malformed ones raise with file and line/index."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: point json_path at a .json or .jsonl file of records.")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        raw = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                raw.append((f"{path}:{n}", _loads(line, f"{path}:{n}")))
+        raw = [(f"{path}:{n}", _loads(line, f"{path}:{n}")) for n, line in jsonl_lines(path) if line.strip()]
     elif path.suffix == ".json":
-        items = _loads(text, str(path), line_of_error=True)
+        items = _loads(utf8_text(path.read_bytes(), path), str(path), line_of_error=True)
         if not isinstance(items, list):
             raise ValueError(
                 f"the top level is a {type(items).__name__}, not a list, in {path}; "
@@ -77,6 +75,41 @@ def read_records(path: Path, group_by: str | None = None) -> list[Record]:
             raise ValueError(f"{e.what}, in {where}; {e.fix}") from None
         records.append(Record(messages, where, group))
     return records
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a JSON Lines file, split on "\\n" only (a trailing "\\r" dropped).
+
+    Not `str.splitlines`, which also splits at U+2028, U+2029, U+0085 and other characters that a JSON string
+    may hold as they are. A line that is not UTF-8 is a ValueError naming the file and the line.
+    """
+    lines = _without_bom(path.read_bytes()).split(b"\n")
+    if lines[-1] == b"":  # what follows the last newline
+        lines.pop()
+    for n, line in enumerate(lines, start=1):
+        yield n, utf8_text(line.removesuffix(b"\r"), path, line=n)
+
+
+def utf8_text(data: bytes, path: Path, line: int | None = None) -> str:
+    """`data` (the whole file `path` (a leading BOM dropped), or its line number `line`) decoded as UTF-8; bytes
+    that are not UTF-8 are a ValueError naming the file and the line and byte of the first bad one."""
+    if line is None:
+        data = _without_bom(data)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = e.start
+        if line is None:  # the whole file: find the line
+            line = data.count(b"\n", 0, e.start) + 1
+            start = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise ValueError(
+            f"not UTF-8 text (byte 0x{data[e.start]:02x} at position {start + 1} of the line: {e.reason}), "
+            f"in {path}:{line}; save the file as UTF-8"
+        ) from None
+
+
+def _without_bom(data: bytes) -> bytes:
+    return data.removeprefix(codecs.BOM_UTF8)
 
 
 def to_messages(item: Any) -> list[dict[str, Any]]:

@@ -24,8 +24,9 @@ from typing import Any, ClassVar, NamedTuple
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SecurityError
 
+from litliger.data.sandbox import BoundedSandbox, TemplateLimitError, render_budget
 from litliger.data.tokenizer import Tokenizer, _read_json, _token_name
 
 ROLES = ("system", "user", "assistant")
@@ -180,26 +181,45 @@ class ChatTemplate(PromptStyle):
     name: ClassVar[str] = "chat_template"
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        """The template applied to `messages` (role and content only), as `apply_chat_template(tokenize=False)`."""
+        """The template applied to `messages` (role and content only), as `apply_chat_template(tokenize=False)`.
+
+        Rendering is bounded (see sandbox.py): a template that would render more than its budget, or that
+        fails in any other way than refusing the conversation, is a ValueError that names the template's file.
+        """
+        where = self.source or "the tokenizer's chat template"
+        fix = "fix the template, or use prompt_style=alpaca"
         try:
             compiled = _compile(self.template)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(
-                f"The chat template of {self.source or 'the tokenizer'} is not valid Jinja: {e}."
+                f"the chat template is not valid Jinja (template line {e.lineno}: {e.message}), in {where}; {fix}"
             ) from None
+        except Exception as e:  # a template so large or deep that the compiler gives up
+            raise ValueError(f"the chat template cannot be compiled ({_what(e)}), in {where}; {fix}") from None
+        messages = check_messages(messages)
+        size = sum(len(m["content"]) for m in messages) + sum(len(str(t)) for t in self.special_tokens.values())
         try:
-            return compiled.render(
-                messages=check_messages(messages),
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
+            with render_budget(size):
+                return compiled.render(
+                    messages=messages,
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.special_tokens,
+                )
+        except TemplateLimitError as e:
+            raise ValueError(f"the chat template renders too much ({_at_line(e)}{e}), in {where}; {fix}") from None
+        except SecurityError as e:  # what the sandbox forbids is the template's doing, not the conversation's
+            raise ValueError(
+                f"the chat template did what the sandbox forbids ({_at_line(e)}{e}), in {where}; {fix}"
+            ) from None
         except jinja2.TemplateError as e:
             raise RecordError(
                 f"the chat template of {self.source or 'the tokenizer'} refused the conversation ({e})",
                 "give the roles in the order the template expects (usually user/assistant alternating)",
             ) from None
+        except Exception as e:  # the template's own error: 1/0, a recursion without end, a wrong type ...
+            raise ValueError(f"the chat template failed ({_at_line(e)}{_what(e)}), in {where}; {fix}") from None
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.render(messages, add_generation_prompt=True)
@@ -257,7 +277,12 @@ def load_chat_template(tokenizer_dir: Path) -> ChatTemplate | None:
     config = _read_json(config_file)
     jinja_file = tokenizer_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        template, source = jinja_file.read_text(), str(jinja_file)
+        try:
+            template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"the chat template is not UTF-8 text ({e.reason} at byte {e.start}), in {jinja_file}; save it as UTF-8"
+            ) from None
     else:
         template, source = config.get("chat_template"), str(config_file)
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
@@ -320,12 +345,26 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _what(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _at_line(e: BaseException) -> str:
+    """`template line N: ` for the innermost line of the template that `e` went through (jinja2 puts the
+    template's lines into the traceback as frames of "<template>")."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"template line {line}: " if line is not None else ""
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    # Chat templates come from model hubs: the immutable sandbox keeps them from touching anything.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
-    )
+    # Chat templates come from model hubs: the immutable sandbox keeps them from touching anything, the
+    # bounds of BoundedSandbox from rendering without end (sandbox.py).
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -1,10 +1,26 @@
 """The one training engine shared by pretraining and finetuning.
 
-runtime (Fabric, strategies, model setup per environment) -> loop (fit, validate) -> checkpointing, metrics.
+    runtime.py         Fabric, strategies, and building/initialising/loading a model per environment
+    loop.py            fit and validate: accumulation, clipping, schedule, logging, saves, signals
+    training_state.py  training checkpoints (model files + per-rank state) written atomically, resume
+    state_codec.py     the per-rank state as JSON + safetensors (never pickle)
+    upgrade.py         ``litliger upgrade_checkpoint``: converts an earlier litliger's pickled state, knowingly
+    session.py, signals.py, metrics.py, optim.py, args.py   the run lock and signals, metrics.jsonl and
+                       loggers, the optimizer and LR schedule, the argument groups
+
+May import: ``util``, ``kernels``, ``nn``, ``model``, ``checkpoint``, ``data``, Lightning. Never the
+recipes, inference or eval.
 """
 
+from ..model.parallelize import unwrap
 from .args import EvalArgs, OptimizerArgs, TrainArgs
-from .checkpointing import (
+from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
+from .metrics import make_loggers
+from .optim import build_optimizer, lr_at
+from .runtime import is_fsdp, make_fabric, reshard, setup_model
+from .session import training_session
+from .signals import RunInterrupted, StopSignals
+from .training_state import (
     check_resumable,
     find_resume_checkpoint,
     has_checkpoints,
@@ -15,12 +31,6 @@ from .checkpointing import (
     resolve_resume_on_all_ranks,
     save_training_checkpoint,
 )
-from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
-from .metrics import make_loggers
-from .optim import build_optimizer, lr_at
-from .runtime import is_fsdp, make_fabric, reshard, setup_model, unwrap
-from .session import training_session
-from .signals import RunInterrupted, StopSignals
 
 __all__ = [
     "EvalArgs",

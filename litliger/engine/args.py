@@ -6,88 +6,48 @@ command before any data is prepared or any folder is written, with one line that
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from ..util.checks import check_at_least, check_between, check_choice, check_positive, fail
+
 OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD")
-
-
-def _fail(name: str, value: object, condition: str, fix: str, flag: str | None) -> None:
-    raise ValueError(f"{name}={value!r} must be {condition}, in {flag or '--' + name}; {fix}")
-
-
-def check_at_least(
-    name: str, value: float | None, minimum: float, fix: str, *, flag: str | None = None, optional: bool = False
-) -> None:
-    """Raise a one-line ValueError naming ``flag`` (default ``--name``) unless ``value >= minimum``.
-
-    ``optional``: None is allowed (it means "off" or "default" for that setting).
-    """
-    if value is None and optional:
-        return
-    if value is None or not (math.isfinite(value) and value >= minimum):
-        _fail(name, value, f">= {minimum}", fix, flag)
-
-
-def check_positive(
-    name: str, value: float | None, fix: str, *, flag: str | None = None, optional: bool = False
-) -> None:
-    """``value >= 1`` for an int (a count: devices, steps, sequences), ``value > 0`` for a float (a rate)."""
-    if value is None and optional:
-        return
-    if isinstance(value, int) and not isinstance(value, bool):
-        check_at_least(name, value, 1, fix, flag=flag)
-    elif value is None or not (math.isfinite(value) and value > 0):
-        _fail(name, value, "> 0", fix, flag)
-
-
-def check_between(
-    name: str,
-    value: float,
-    low: float,
-    high: float,
-    fix: str,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    flag: str | None = None,
-) -> None:
-    """``low <= value <= high``; ``low_open``/``high_open`` make that end strict."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # also catches NaN
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        _fail(name, value, f"in {interval}", fix, flag)
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...], *, flag: str | None = None) -> None:
-    if value not in choices:
-        _fail(name, value, f"one of {', '.join(choices)}", "pick one of those", flag)
 
 
 @dataclass(frozen=True)
 class TrainArgs:
     """``--train.*``: batch sizes, duration, schedule and checkpointing."""
 
-    global_batch_size: int = 64  # sequences per optimizer step, summed over devices and accumulation
-    micro_batch_size: int = 4  # sequences per forward/backward on one device
-    max_seq_length: int | None = None  # tokens per sequence; default the model's block_size
-    max_steps: int | None = None  # optimizer steps; takes precedence over max_tokens
-    max_tokens: int | None = None  # or: train on this many tokens (rounded down to whole steps)
-    lr_warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
-    min_lr: float = 4e-5  # cosine decay ends here at the last step
-    max_norm: float | None = 1.0  # gradient clipping (None: off)
-    save_interval: int | None = 1000  # steps between checkpoints (None: only the final one)
-    save_interval_minutes: float | None = None  # also save when this much time passed since the last save
-    keep_last: int | None = None  # keep only the newest K step checkpoints (None: all); final/ is always kept
-    log_interval: int = 1  # steps between metric lines (time-based saves are decided at these steps)
+    global_batch_size: int = 64
+    """sequences per optimizer step, summed over devices and gradient accumulation."""
+    micro_batch_size: int = 4
+    """sequences per forward/backward on one device; global_batch_size must be a multiple of it."""
+    max_seq_length: int | None = None
+    """tokens per training sequence (null: the model's block_size)."""
+    max_steps: int | None = None
+    """optimizer steps to train; takes precedence over max_tokens."""
+    max_tokens: int | None = None
+    """or: train on this many tokens, rounded down to whole optimizer steps."""
+    lr_warmup_steps: int = 100
+    """steps of linear warmup of the learning rate from 0 to optimizer.lr."""
+    min_lr: float = 4e-5
+    """the learning rate the cosine decay ends at on the last step."""
+    max_norm: float | None = 1.0
+    """clip the gradients' global norm to this value (null: no clipping)."""
+    save_interval: int | None = 1000
+    """steps between checkpoints (null: only the final one)."""
+    save_interval_minutes: float | None = None
+    """also save when this many minutes passed since the last save (null: step-based saves only)."""
+    keep_last: int | None = None
+    """keep only the newest K step checkpoints (null: all); final/ is always kept."""
+    log_interval: int = 1
+    """steps between metric lines (time-based saves are decided at these steps)."""
 
     def __post_init__(self) -> None:
         check_positive("train.global_batch_size", self.global_batch_size, "set the sequences per optimizer step")
         check_positive("train.micro_batch_size", self.micro_batch_size, "set a positive number of sequences per device")
         if self.global_batch_size % self.micro_batch_size:
             multiple = f"a multiple of train.micro_batch_size={self.micro_batch_size}"
-            _fail("train.global_batch_size", self.global_batch_size, multiple, "adjust one of them", None)
+            fail("train.global_batch_size", self.global_batch_size, multiple, "adjust one of them", None)
         fix = "set tokens per sequence, or null for the model's block_size"
         check_positive("train.max_seq_length", self.max_seq_length, fix, optional=True)
         check_at_least("train.max_steps", self.max_steps, 0, "set the number of optimizer steps", optional=True)
@@ -126,10 +86,14 @@ class TrainArgs:
 class EvalArgs:
     """``--eval.*``: validation during training."""
 
-    interval: int | None = 100  # steps between validations (None: never during training)
-    max_iters: int = 50  # validation batches per evaluation
-    initial_validation: bool = False  # validate once before the first step
-    final_validation: bool = True  # validate after the last step
+    interval: int | None = 100
+    """steps between validations (null: never during training)."""
+    max_iters: int = 50
+    """validation batches per evaluation."""
+    initial_validation: bool = False
+    """validate once before the first step."""
+    final_validation: bool = True
+    """validate after the last step."""
 
     def __post_init__(self) -> None:
         fix = "set steps between validations, or null for none during training"
@@ -139,22 +103,31 @@ class EvalArgs:
 
 @dataclass(frozen=True)
 class OptimizerArgs:
-    """``--optimizer.*``: AdamW by default. Weight decay applies to 2-D weights (linear layers and
-    embeddings) only; biases and norm weights are not decayed (GPT-2 / nanoGPT practice)."""
+    """``--optimizer.*``: the optimizer (AdamW by default) and its hyperparameters.
 
-    name: str = "AdamW"  # AdamW, Adam or SGD
+    Weight decay applies to 2-D weights (linear layers and embeddings) only; biases and norm weights are not
+    decayed (GPT-2 / nanoGPT practice).
+    """
+
+    name: str = "AdamW"
+    """the optimizer: AdamW, Adam or SGD."""
     lr: float = 4e-4
+    """the peak learning rate (reached after train.lr_warmup_steps, then cosine decay to train.min_lr)."""
     weight_decay: float = 0.1
+    """weight decay of the 2-D weights (decoupled in AdamW, L2 in Adam and SGD); 0: none."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """Adam(W)'s decay rates of the gradient's running mean and square, each in [0, 1)."""
     eps: float = 1e-8
-    momentum: float = 0.9  # SGD only
+    """Adam(W)'s term added to the denominator for numerical stability."""
+    momentum: float = 0.9
+    """SGD's momentum, in [0, 1) (SGD only)."""
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, OPTIMIZER_NAMES)
         check_positive("optimizer.lr", self.lr, "set the peak learning rate, e.g. 4e-4")
         check_at_least("optimizer.weight_decay", self.weight_decay, 0, "use 0 for no weight decay")
         if len(self.betas) != 2:
-            _fail("optimizer.betas", self.betas, "two numbers", "write e.g. [0.9, 0.95]", None)
+            fail("optimizer.betas", self.betas, "two numbers", "write e.g. [0.9, 0.95]", None)
         for beta in self.betas:
             check_between("optimizer.betas", beta, 0, 1, "write e.g. [0.9, 0.95]", high_open=True)
         check_positive("optimizer.eps", self.eps, "set a small positive number, e.g. 1e-8")

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, flops_per_token
-from ..output_safety import FINAL_DIR
+from ..checkpoint.layout import FINAL_DIR, step_dir
+from ..model.config import Config, flops_per_token
+from ..model.parallelize import unwrap
 from .args import EvalArgs, TrainArgs
-from .checkpointing import WriteFiles, prune_step_checkpoints, save_training_checkpoint, step_dir
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
-from .runtime import reshard, unwrap
+from .runtime import reshard
 from .signals import RunInterrupted, StopSignals
+from .training_state import WriteFiles, prune_step_checkpoints, save_training_checkpoint
 
 Batch = Any
 # The loss summed over the batch's target tokens (the engine divides by the step's target count).
@@ -37,6 +38,7 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_count(batch: torch.Tensor) -> int:
+    """Target tokens of a (B, T + 1) pretraining batch: B x T, the same for every batch (no host sync)."""
     return batch.shape[0] * (batch.shape[1] - 1)
 
 
@@ -147,6 +149,222 @@ def _nonfinite_message(step: int, first_bad_step: int, loss_bad: bool, precision
     )
 
 
+class _Run:
+    """One call of :func:`fit`: what the training loop's steps share, and each step's parts as methods.
+
+    It holds the run's fixed parts (fabric, model, optimizer, the arguments, the data position), its
+    bookkeeping (progress, metrics, throughput, the progress bar, when the last checkpoint was saved) and the
+    accumulators of the current log window (loss and target-token sums, non-finite flags, the window's first
+    step). :func:`fit` calls the methods in order; each method does one part of a step.
+    """
+
+    def __init__(
+        self,
+        fabric: L.Fabric,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accum: int,
+        batches: Iterator[Batch],
+        loader_state: Callable[[], dict | None],
+        val_loader: Iterable | None,
+        train: TrainArgs,
+        eval: EvalArgs,
+        setup: FitSetup,
+        progress: Progress,
+    ) -> None:
+        self.fabric, self.model, self.optimizer = fabric, model, optimizer
+        self.accum, self.batches, self.loader_state, self.val_loader = accum, batches, loader_state, val_loader
+        self.train, self.eval, self.setup, self.progress = train, eval, setup, progress
+        self.total = setup.total_steps
+        self.signals = setup.signals
+        self.precision = getattr(fabric, "litliger_precision", "32-true")
+        self.metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed_from else None)
+        self.throughput = Throughput(
+            flops_per_token(setup.config, setup.seq_len), peak_flops(fabric.device, self.precision), fabric.world_size
+        )
+        self.last_save = time.monotonic()
+        self.bar: tqdm | None = None  # opened by start(), after the initial validation
+        self.lr = 0.0  # the last step's learning rate and gradient norm, logged at log points
+        self.grad_norm = torch.zeros(())
+        # the current log window: summed on the device, read (one host sync) at the next log point
+        self.loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
+        self.count_sum: int | torch.Tensor = 0
+        self.nonfinite_loss = torch.zeros((), dtype=torch.bool, device=fabric.device)
+        self.nonfinite_grad = torch.zeros((), dtype=torch.bool, device=fabric.device)
+        self.first_step_of_window = progress.step + 1
+
+    def start(self) -> None:
+        """Open the progress bar and start measuring throughput (after any initial validation)."""
+        step, rank = self.progress.step, self.fabric.global_rank
+        self.bar = tqdm(total=self.total, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1)
+        self.throughput.reset(self.progress.tokens)
+
+    def train_step(self) -> None:
+        """One optimizer step over ``accum`` micro-batches: set the lr, backward each micro-batch scaled by the
+        step's target count, clip, step, and advance the counters. The loss and the non-finite flags are only
+        summed into the window here (on the device); log() and check_finite() read them."""
+        fabric, model, optimizer, setup, progress = self.fabric, self.model, self.optimizer, self.setup, self.progress
+        self.lr = lr_at(progress.step, setup.max_lr, self.train, self.total)
+        set_lr(optimizer, self.lr)
+        micro_batches = [_to_device(next(self.batches), fabric.device) for _ in range(self.accum)]
+        step_count = _step_target_count(fabric, [setup.count_targets(b) for b in micro_batches])
+        # gradients are averaged over ranks: undo that, then divide by the step's target count
+        scale = fabric.world_size / step_count
+        if isinstance(scale, torch.Tensor):
+            scale = scale.float()
+        step_tokens = 0
+        for micro, batch in enumerate(micro_batches):
+            step_tokens += setup.tokens_in(batch)
+            with fabric.no_backward_sync(model, enabled=micro < self.accum - 1):
+                loss = setup.loss_fn(model, batch)
+                fabric.backward(loss * scale)
+            self.loss_sum += loss.detach().double()
+            self.nonfinite_loss |= ~torch.isfinite(loss.detach())
+        self.count_sum = self.count_sum + step_count
+        self.grad_norm = _clip_gradients(model, self.train.max_norm)
+        self.nonfinite_grad |= ~torch.isfinite(self.grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens += step_tokens * fabric.world_size
+        self.bar.update(1)
+
+    def at_log_point(self) -> bool:
+        """Every ``train.log_interval`` steps, and at the last step."""
+        return self.progress.step % self.train.log_interval == 0 or self.progress.step == self.total
+
+    def log(self) -> None:
+        """Check the window for non-finite values, log its mean loss, lr, grad norm, throughput and memory,
+        and start the next window."""
+        fabric, progress = self.fabric, self.progress
+        self.check_finite()
+        self.first_step_of_window = progress.step + 1
+        all_loss = fabric.all_reduce(self.loss_sum, reduce_op="sum") if fabric.world_size > 1 else self.loss_sum
+        loss_avg = (all_loss / self.count_sum).item()
+        rates = self.throughput.measure(progress.tokens)
+        values = {
+            "tokens": progress.tokens,
+            "loss": loss_avg,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm.item(),
+            **rates,
+        }
+        values.update(peak_memory(fabric.device))
+        self.metrics.log(values, progress.step)
+        self.bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
+        self.loss_sum.zero_()
+        self.count_sum = 0
+
+    def validate(self) -> bool:
+        """Validate (the module's :func:`validate`) and log; False when a signal cut it short (nothing is
+        logged then). True when there is no validation set."""
+        if self.val_loader is None:
+            return True
+        fabric, setup, progress = self.fabric, self.setup, self.progress
+        val = validate(
+            fabric,
+            self.model,
+            self.val_loader,
+            self.eval.max_iters,
+            setup.loss_fn,
+            setup.count_targets,
+            lambda: self.signals.requested,
+        )
+        if val is None:
+            return False
+        self.metrics.log({"val_loss": val, "tokens": progress.tokens}, progress.step)
+        fabric.print(f"step {progress.step}: val_loss {val:.4f}")
+        return True
+
+    def maybe_validate(self) -> None:
+        """Validate every ``eval.interval`` steps before the last one (the last one has its own)."""
+        progress = self.progress
+        if self.eval.interval and progress.step % self.eval.interval == 0 and progress.step < self.total:
+            self.validate()
+            self.throughput.reset(progress.tokens)  # validation time is not training throughput
+
+    def save(self, path: Path) -> Path:
+        """Write a training checkpoint (weights or trainable tensors, optimizer, counters, data position)."""
+        setup = self.setup
+        path = save_training_checkpoint(
+            self.fabric,
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=self.progress.to_dict(),
+            loader_state=self.loader_state(),
+            write_files=setup.write_files,
+            trainable_only=setup.trainable_only,
+        )
+        self.fabric.print(f"saved {path}")
+        return path
+
+    def _periodic_save_due(self, at_log_point: bool) -> bool:
+        """Every ``train.save_interval`` steps, and at a log point once ``train.save_interval_minutes``
+        passed since the last save (rank 0's clock decides, so every rank saves at the same step)."""
+        train, fabric, step = self.train, self.fabric, self.progress.step
+        if step >= self.total:
+            return False  # final/ follows
+        if train.save_interval and step % train.save_interval == 0:
+            return True
+        if not (train.save_interval_minutes and at_log_point):
+            return False
+        due = time.monotonic() - self.last_save >= 60 * train.save_interval_minutes
+        return bool(fabric.broadcast(due, src=0)) if fabric.world_size > 1 else due
+
+    def _save_step(self) -> Path:
+        """Save ``step-*``, restart the save clock and prune to ``train.keep_last`` (never the resumed folder)."""
+        setup, train = self.setup, self.train
+        path = self.save(step_dir(setup.out_dir, self.progress.step))
+        self.last_save = time.monotonic()
+        if train.keep_last and self.fabric.global_rank == 0:
+            keep = {setup.resumed_from} if setup.resumed_from else set()
+            for name in prune_step_checkpoints(setup.out_dir, train.keep_last, keep=keep):
+                self.fabric.print(f"removed {name} (train.keep_last={train.keep_last})")
+        return path
+
+    def maybe_save(self, at_log_point: bool) -> Path | None:
+        """Save ``step-*`` when a periodic save is due (never a non-finite state); the folder, or None."""
+        if not self._periodic_save_due(at_log_point):
+            return None
+        self.check_finite()
+        saved = self._save_step()
+        self.throughput.reset(self.progress.tokens)
+        return saved
+
+    def agree_to_stop(self, at_sync_point: bool) -> bool:
+        """Whether the run stops here for a signal (on any rank, when several)."""
+        fabric, signals = self.fabric, self.signals
+        # Any rank's signal stops every rank at the same step. The ranks agree at log points, where the loop
+        # waits for the device anyway, so no step pays an extra host sync for it.
+        if fabric.world_size == 1:
+            return signals.requested
+        flag = torch.tensor(float(signals.requested), device=fabric.device)
+        return at_sync_point and bool(fabric.all_reduce(flag, reduce_op="max"))
+
+    def stop_here(self, saved: Path | None = None) -> Path:
+        """Stop for a signal: save ``step-*`` unless ``saved`` already holds this step, and say how to resume."""
+        self.bar.close()
+        path = saved or self._save_step()
+        self.fabric.print(
+            f"{self.signals.name or 'SIGTERM'}: stopped after step {self.progress.step}; resume with --resume auto"
+        )
+        return path
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError (one host sync) when a loss or gradient norm of this window was NaN/Inf."""
+        if self.nonfinite_loss.item() or self.nonfinite_grad.item():
+            message = _nonfinite_message(
+                self.progress.step,
+                self.first_step_of_window,
+                bool(self.nonfinite_loss.item()),
+                self.precision,
+                self.setup.out_dir,
+            )
+            raise FloatingPointError(message)
+
+
 def fit(
     fabric: L.Fabric,
     model: nn.Module,
@@ -168,164 +386,48 @@ def fit(
     and nothing that follows it (the end-of-run sample) runs.
     """
     accum = train.gradient_accumulation_steps(fabric.world_size)
-    total = setup.total_steps
-    signals = setup.signals
-    if setup.resumed_from is not None and setup.resumed_from.name == FINAL_DIR and progress.step >= total:
+    if setup.resumed_from is not None and setup.resumed_from.name == FINAL_DIR and progress.step >= setup.total_steps:
         # a finished run, run again: nothing trains, so final/ stays as it is, byte for byte (finetunes
         # record their base by its content, and a rewrite would be a needless risk to the only copy)
         fabric.print(f"{setup.resumed_from} is already trained to step {progress.step}; nothing to do")
         return setup.resumed_from
-    precision = getattr(fabric, "litliger_precision", "32-true")
-    metrics = MetricsLog(fabric, setup.out_dir, keep_through=progress.step if setup.resumed_from else None)
-    throughput = Throughput(
-        flops_per_token(setup.config, setup.seq_len), peak_flops(fabric.device, precision), fabric.world_size
+    run = _Run(
+        fabric,
+        model,
+        optimizer,
+        accum=accum,
+        batches=batches,
+        loader_state=loader_state,
+        val_loader=val_loader,
+        train=train,
+        eval=eval,
+        setup=setup,
+        progress=progress,
     )
-
-    def save(path: Path) -> Path:
-        path = save_training_checkpoint(
-            fabric,
-            path,
-            model=model,
-            optimizer=optimizer,
-            state=progress.to_dict(),
-            loader_state=loader_state(),
-            write_files=setup.write_files,
-            trainable_only=setup.trainable_only,
-        )
-        fabric.print(f"saved {path}")
-        return path
-
-    last_save = time.monotonic()
-
-    def periodic_save_due(at_log_point: bool) -> bool:
-        """Every ``train.save_interval`` steps, and at a log point once ``train.save_interval_minutes``
-        passed since the last save (rank 0's clock decides, so every rank saves at the same step)."""
-        if progress.step >= total:
-            return False  # final/ follows
-        if train.save_interval and progress.step % train.save_interval == 0:
-            return True
-        if not (train.save_interval_minutes and at_log_point):
-            return False
-        due = time.monotonic() - last_save >= 60 * train.save_interval_minutes
-        return bool(fabric.broadcast(due, src=0)) if fabric.world_size > 1 else due
-
-    def save_step() -> Path:
-        nonlocal last_save
-        path = save(step_dir(setup.out_dir, progress.step))
-        last_save = time.monotonic()
-        if train.keep_last and fabric.global_rank == 0:
-            keep = {setup.resumed_from} if setup.resumed_from else set()
-            for name in prune_step_checkpoints(setup.out_dir, train.keep_last, keep=keep):
-                fabric.print(f"removed {name} (train.keep_last={train.keep_last})")
-        return path
-
-    def run_validation() -> bool:
-        """Validate and log; False when a signal cut it short (nothing is logged then)."""
-        if val_loader is None:
-            return True
-        val = validate(
-            fabric, model, val_loader, eval.max_iters, setup.loss_fn, setup.count_targets, lambda: signals.requested
-        )
-        if val is None:
-            return False
-        metrics.log({"val_loss": val, "tokens": progress.tokens}, progress.step)
-        fabric.print(f"step {progress.step}: val_loss {val:.4f}")
-        return True
-
-    def agree_to_stop(at_sync_point: bool) -> bool:
-        # Any rank's signal stops every rank at the same step. The ranks agree at log points, where the loop
-        # waits for the device anyway, so no step pays an extra host sync for it.
-        if fabric.world_size == 1:
-            return signals.requested
-        flag = torch.tensor(float(signals.requested), device=fabric.device)
-        return at_sync_point and bool(fabric.all_reduce(flag, reduce_op="max"))
-
-    def stop_here(saved: Path | None = None) -> Path:
-        bar.close()
-        path = saved or save_step()
-        fabric.print(f"{signals.name or 'SIGTERM'}: stopped after step {progress.step}; resume with --resume auto")
-        return path
-
     if eval.initial_validation and progress.step == 0:
-        run_validation()  # nothing is unsaved yet: a signal here ends the run at once
-    bar = tqdm(total=total, initial=progress.step, disable=fabric.global_rank != 0, dynamic_ncols=True, mininterval=1)
-    loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    count_sum: int | torch.Tensor = 0
-    nonfinite_loss = torch.zeros((), dtype=torch.bool, device=fabric.device)
-    nonfinite_grad = torch.zeros((), dtype=torch.bool, device=fabric.device)
-    first_step_of_window = progress.step + 1
-    steps_since_log = 0
-    throughput.reset(progress.tokens)
-
-    def check_finite() -> None:
-        if nonfinite_loss.item() or nonfinite_grad.item():
-            message = _nonfinite_message(
-                progress.step, first_step_of_window, bool(nonfinite_loss.item()), precision, setup.out_dir
-            )
-            raise FloatingPointError(message)
-
-    with signals.deferred():
-        while progress.step < total:
-            set_lr(optimizer, lr := lr_at(progress.step, setup.max_lr, train, total))
-            micro_batches = [_to_device(next(batches), fabric.device) for _ in range(accum)]
-            step_count = _step_target_count(fabric, [setup.count_targets(b) for b in micro_batches])
-            # gradients are averaged over ranks: undo that, then divide by the step's target count
-            scale = fabric.world_size / step_count
-            if isinstance(scale, torch.Tensor):
-                scale = scale.float()
-            step_tokens = 0
-            for micro, batch in enumerate(micro_batches):
-                step_tokens += setup.tokens_in(batch)
-                with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                    loss = setup.loss_fn(model, batch)
-                    fabric.backward(loss * scale)
-                loss_sum += loss.detach().double()
-                nonfinite_loss |= ~torch.isfinite(loss.detach())
-            count_sum = count_sum + step_count
-            grad_norm = _clip_gradients(model, train.max_norm)
-            nonfinite_grad |= ~torch.isfinite(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.tokens += step_tokens * fabric.world_size
-            steps_since_log += 1
-            bar.update(1)
-
-            at_log_point = progress.step % train.log_interval == 0 or progress.step == total
+        run.validate()  # nothing is unsaved yet: a signal here ends the run at once
+    run.start()
+    with run.signals.deferred():
+        while progress.step < run.total:
+            run.train_step()
+            at_log_point = run.at_log_point()
             if at_log_point:
-                check_finite()
-                first_step_of_window = progress.step + 1
-                all_loss = fabric.all_reduce(loss_sum, reduce_op="sum") if fabric.world_size > 1 else loss_sum
-                loss_avg = (all_loss / count_sum).item()
-                rates = throughput.measure(progress.tokens)
-                values = {"tokens": progress.tokens, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(), **rates}
-                values.update(peak_memory(fabric.device))
-                metrics.log(values, progress.step)
-                bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
-                loss_sum.zero_()
-                count_sum = 0
-                steps_since_log = 0
-            if eval.interval and progress.step % eval.interval == 0 and progress.step < total:
-                run_validation()
-                throughput.reset(progress.tokens)  # validation time is not training throughput
-            saved = None
-            if periodic_save_due(at_log_point):
-                check_finite()
-                saved = save_step()
-                throughput.reset(progress.tokens)
+                run.log()
+            run.maybe_validate()
+            saved = run.maybe_save(at_log_point)
             # checked after the periodic save: a signal that arrived during it stops the run at this step (saved
             # once), not after another step
-            if agree_to_stop(at_log_point):
-                check_finite()
-                return stop_here(saved)
-        bar.close()
-        check_finite()
-        validated = not eval.final_validation or run_validation()
-        if not validated or agree_to_stop(True):
+            if run.agree_to_stop(at_log_point):
+                run.check_finite()
+                return run.stop_here(saved)
+        run.bar.close()
+        run.check_finite()
+        validated = not eval.final_validation or run.validate()
+        if not validated or run.agree_to_stop(True):
             # stopped during the final validation: keep the trained weights; a resume validates and finishes
-            return stop_here()
-        path = save(setup.out_dir / FINAL_DIR)
+            return run.stop_here()
+        path = run.save(setup.out_dir / FINAL_DIR)
     # a signal that arrived during the final save was only recorded: act on it now that final/ is complete
-    if agree_to_stop(True):
-        raise RunInterrupted(signals.received or signal.SIGTERM)  # ranks without a signal of their own
+    if run.agree_to_stop(True):
+        raise RunInterrupted(run.signals.received or signal.SIGTERM)  # ranks without a signal of their own
     return path

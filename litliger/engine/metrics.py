@@ -71,17 +71,19 @@ class MetricsLog:
             self._truncate(keep_through)
 
     def _truncate(self, keep_through: int | None) -> None:
+        # Lines are split on b"\n" only (str.splitlines would also split at U+2028 and the like) and kept as the
+        # bytes they were; a line that is not a JSON object (cut short by a kill, not UTF-8) is dropped.
         kept = []
         if keep_through is not None:
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_bytes().split(b"\n"):
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
+                except ValueError:  # a line cut short by a kill (JSONDecodeError), or not UTF-8 (UnicodeDecodeError)
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= keep_through:
-                    kept.append(line)
+                    kept.append(line.removesuffix(b"\r"))
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
         os.replace(tmp, self.path)
 
     def log(self, values: dict[str, Any], step: int) -> None:

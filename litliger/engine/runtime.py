@@ -20,7 +20,8 @@ import torch
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 
-from ..init import assert_replicas_identical, init_weights
+from ..model.parallelize import parallelize, unwrap
+from ..nn.init import assert_replicas_identical, init_weights
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -150,20 +151,6 @@ def is_fsdp(fabric: L.Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def _shard(model: nn.Module, fabric: L.Fabric) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = fabric.strategy.device_mesh["data_parallel"]
-    mp = None
-    if fabric.litliger_precision == "bf16-mixed":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
-    blocks = getattr(getattr(model, "transformer", None), "h", [])
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-
-
 def setup_model(
     fabric: L.Fabric,
     build: Callable[[], nn.Module],
@@ -184,7 +171,8 @@ def setup_model(
     with torch.device("meta"):
         model = build()
     if is_fsdp(fabric):
-        _shard(model, fabric)
+        bf16_mixed = fabric.litliger_precision == "bf16-mixed"
+        parallelize(model, fabric.strategy.device_mesh["data_parallel"], torch.bfloat16 if bf16_mixed else None)
     elif fabric.litliger_precision in ("bf16-true", "16-true"):
         model.to(torch.bfloat16 if fabric.litliger_precision == "bf16-true" else torch.float16)
     model.to_empty(device=fabric.device)
@@ -198,13 +186,6 @@ def setup_model(
     if compile:
         model.compile()
     return fabric.setup_module(model)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside Fabric's (and DDP's) wrappers: parameter names without a ``module.`` prefix."""
-    from lightning.fabric.wrappers import _FabricModule
-
-    return model.module if isinstance(model, _FabricModule) else model
 
 
 def reshard(model: nn.Module) -> None:

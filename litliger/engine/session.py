@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 
-from ..output_safety import RunLock, check_run_dir, sweep_leftovers
+from ..checkpoint.safety import RunLock, check_run_dir, sweep_leftovers
 from .signals import StopSignals
 
 

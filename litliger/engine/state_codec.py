@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..tensor_files import save_tensors
+from ..checkpoint.tensor_files import save_tensors
 
 FORMAT = "litliger-training-state/1"
 _TAGS = ("__tuple__", "__dict__", "__tensor__", "__ndarray__")

@@ -15,11 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import disk_full_is_one_line, publish_dir
-from ..checksums import write_checksums
-from ..output_safety import RunLock, is_run_dir, scratch_path
-from .checkpointing import STATE_DIR, STATE_FILE, _rank_stem, is_legacy, read_state
+from ..checkpoint.checksums import write_checksums
+from ..checkpoint.io import disk_full_is_one_line, publish_dir
+from ..checkpoint.layout import STATE_DIR, STATE_FILE, scratch_path
+from ..checkpoint.safety import RunLock, is_run_dir
 from .state_codec import save_state
+from .training_state import _rank_stem, is_legacy, read_state
 
 
 def _read_legacy_optimizer(folder: Path) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 """litliger's fused kernels: a functional API whose ops run Triton kernels or their PyTorch twins.
 
-See :mod:`litliger.kernels.backend` for how the implementation is chosen.
+One file per op (Triton kernels, launcher, autograd Function; the twin beside it or in ``<op>_twin.py``);
+``backend.dispatch`` is the one place that picks Triton, the custom op under ``torch.compile``, or the twin
+(see :mod:`litliger.kernels.backend`). Runtime ops only: the analysis tools are in ``litliger.tools``.
+
+May import: torch and triton only; nothing else of litliger. Nothing here knows about models.
 """
 
 from .backend import BACKENDS, get_backend, use_backend

@@ -2,8 +2,9 @@
 
 Each kernel file registers its Triton path as custom ops with a fake implementation (shapes, strides and dtypes
 without running anything, for tracing) and an autograd formula whose backward is another custom op. Under
-``torch.compile`` (``torch.compiler.is_compiling()``) the public ops call these, so ``fullgraph=True`` traces a
-whole forward and backward: each op is one opaque node, its kernels launched by the same launchers as in eager.
+``torch.compile`` (``torch.compiler.is_compiling()``) the public ops call these (the choice is made in one place,
+:func:`litliger.kernels.backend.dispatch`), so ``fullgraph=True`` traces a whole forward and backward: each op is
+one opaque node, its kernels launched by the same launchers as in eager.
 
 Eager calls the autograd Functions instead: the dispatcher adds ~20 us per call (measured on the CPU machine),
 which a training step of small ops would pay hundreds of times. The twins (CPU path) are plain PyTorch that

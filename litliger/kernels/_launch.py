@@ -2,7 +2,7 @@
 
 Every launcher ends in :func:`launch`. Under :func:`capture_launches` it records a :class:`LaunchPlan` instead of
 running the kernel, so the launchers can be run on meta tensors at any model's sizes: that is how the kernels are
-compiled ahead of time for named GPUs (:mod:`litliger.kernels.aot`) with exactly the grid, constexprs and warps
+compiled ahead of time for named GPUs (:mod:`litliger.tools.aot`) with exactly the grid, constexprs and warps
 a real call would use.
 """
 

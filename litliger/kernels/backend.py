@@ -7,18 +7,23 @@ pick one of:
 - ``triton``: always the Triton kernel. CPU tensors need ``TRITON_INTERPRET=1`` set before
   ``litliger.kernels`` is imported; that is how the kernels are tested without a GPU.
 - ``torch``: always the twin (the baseline benchmarks compare against).
+
+Every public op ends in :func:`dispatch`, the one place that choice (and ``torch.compile``'s custom-op path) is
+made.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+_T = TypeVar("_T")
 _override: ContextVar[str | None] = ContextVar("litliger_kernels_backend", default=None)
 
 
@@ -58,9 +63,35 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if backend == "auto":
         return x.is_cuda
-    if x.is_cuda or x.is_meta or interpreting():  # meta: launch plans only (litliger.kernels.aot)
+    if x.is_cuda or x.is_meta or interpreting():  # meta: launch plans only (litliger.tools.aot)
         return True
     raise RuntimeError(
         f"kernel backend 'triton' got a tensor on {x.device}; Triton needs CUDA tensors, or "
         "TRITON_INTERPRET=1 set before importing litliger to run the kernels on the CPU interpreter"
     )
+
+
+def dispatch(
+    args: tuple[Any, ...],
+    *,
+    triton: Callable[..., _T],
+    compiled: Callable[..., _T],
+    twin: Callable[..., _T],
+    compiled_twin: Callable[..., _T] | None = None,
+) -> _T:
+    """Run a public op on the path the backend picks, called with the op's own (validated) ``args``.
+
+    ``use_triton(args[0])`` (the first argument is the op's main input) decides between the Triton path and the
+    plain-PyTorch twin; ``torch.compiler.is_compiling()`` between the two forms of the Triton path:
+
+    - ``compiled(*args)``: while ``torch.compile`` traces, the op's custom ops (``litliger/kernels/_custom_ops.py``),
+      so that ``fullgraph=True`` sees one opaque node per op;
+    - ``triton(*args)``: in eager, the op's autograd Function (no custom-op dispatcher on the hot path);
+    - ``twin(*args)``: the twin, in eager and under ``torch.compile`` alike (dynamo traces plain PyTorch), unless
+      ``compiled_twin`` is given for a twin that dynamo cannot trace: then that runs while compiling.
+    """
+    if use_triton(args[0]):
+        return (compiled if torch.compiler.is_compiling() else triton)(*args)
+    if compiled_twin is not None and torch.compiler.is_compiling():
+        return compiled_twin(*args)
+    return twin(*args)

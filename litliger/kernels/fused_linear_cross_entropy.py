@@ -28,14 +28,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_float, check_loss_args, check_same_device, check_targets, check_vector, compute_dtype
-from .backend import use_triton
-from .cross_entropy import (
-    _reduce,
-    cross_entropy_rows,
-    cross_entropy_rows_grad,
-    cross_entropy_rows_grad_torch,
-    cross_entropy_rows_torch,
-)
+from .backend import dispatch
+from .cross_entropy import cross_entropy_rows, cross_entropy_rows_grad
+from .cross_entropy_twin import _reduce, cross_entropy_rows_grad_torch, cross_entropy_rows_torch
 
 # Fewest rows per chunk on the Triton path. Every chunk costs one pass over the fp32 grad_weight accumulator
 # (V x H, read + write, plus the bf16 product for half inputs), so with K rows the grad_weight GEMM does about
@@ -43,7 +38,7 @@ from .cross_entropy import (
 # also runs one program per row and needs several waves of SMs.
 KERNEL_MIN_CHUNK_ROWS = 1024
 # Fewest rows per chunk on the CPU path (PyTorch twins). With gradients formed in forward, fwd + bwd at H 256 and
-# 2K tokens (scripts/sweep_flce_chunks.py, 1 thread) takes the same time, 0.77-0.88x the naive loss's, for any
+# 2K tokens (benchmarks/sweep_flce_chunks.py, 1 thread) takes the same time, 0.77-0.88x the naive loss's, for any
 # chunk of 128-2048 rows at vocab 8K, 16K and 64K; at vocab 128K 64-128-row chunks were 1.03-1.22x and 256+ rows
 # 0.93-0.97x.
 TWIN_MIN_CHUNK_ROWS = 256
@@ -411,6 +406,19 @@ def _compiled_flce(
     return loss
 
 
+def _flce_compiled(*args) -> torch.Tensor:
+    return _compiled_flce(*args, True)
+
+
+def _flce_compiled_twin(*args) -> torch.Tensor:
+    return _compiled_flce(*args, False)
+
+
+def _flce_triton(*args) -> torch.Tensor:
+    """The eager Triton path; the Function is told whether grad mode is on (its forward runs without it)."""
+    return FusedLinearCrossEntropyFunction.apply(*args, torch.is_grad_enabled())
+
+
 def _check(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -471,24 +479,10 @@ def fused_linear_cross_entropy(
                 hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
             )
     _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, ignore_index, chunk_size)
-    triton = use_triton(hidden)
-    if torch.compiler.is_compiling():
-        return _compiled_flce(
-            hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, triton
-        )
-    if triton:
-        return FusedLinearCrossEntropyFunction.apply(
-            hidden,
-            weight,
-            targets,
-            bias,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            z_loss,
-            chunk_size,
-            torch.is_grad_enabled(),
-        )
-    return fused_linear_cross_entropy_torch(
-        hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    return dispatch(
+        (hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size),
+        triton=_flce_triton,
+        compiled=_flce_compiled,
+        twin=fused_linear_cross_entropy_torch,
+        compiled_twin=_flce_compiled_twin,
     )

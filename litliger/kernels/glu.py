@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._checks import check_float, check_same_device, check_same_shape, compute_dtype
 from ._launch import as_rows, launch
-from .backend import use_triton
+from .backend import dispatch
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 
@@ -343,6 +343,14 @@ def _glu_backward(ctx, dy):
 _glu_op.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 
+def _swiglu_compiled(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _glu_op(gate, up, _SILU.value)
+
+
+def _geglu_compiled(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    return _glu_op(gate, up, _GELU_IDS[approximate])
+
+
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
     check_float("gate", gate, op)
     check_float("up", up, op)
@@ -355,11 +363,7 @@ def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` elementwise."""
     _check("swiglu", gate, up)
-    if use_triton(gate):
-        if torch.compiler.is_compiling():
-            return _glu_op(gate, up, _SILU.value)
-        return SwiGLUFunction.apply(gate, up)
-    return swiglu_torch(gate, up)
+    return dispatch((gate, up), triton=SwiGLUFunction.apply, compiled=_swiglu_compiled, twin=swiglu_torch)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -367,8 +371,4 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     _check("geglu", gate, up)
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"geglu: approximate={approximate!r}; choose one of {GELU_APPROXIMATIONS}")
-    if use_triton(gate):
-        if torch.compiler.is_compiling():
-            return _glu_op(gate, up, _GELU_IDS[approximate])
-        return GeGLUFunction.apply(gate, up, approximate)
-    return geglu_torch(gate, up, approximate)
+    return dispatch((gate, up, approximate), triton=GeGLUFunction.apply, compiled=_geglu_compiled, twin=geglu_torch)

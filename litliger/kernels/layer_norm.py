@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._checks import check_float, check_same_device, check_vector, compute_dtype
 from ._launch import as_rows, bwd_programs, launch, tile_settings
-from .backend import use_triton
+from .backend import dispatch
 
 
 def layer_norm_torch(
@@ -386,6 +386,10 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
+def _layer_norm_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _layer_norm_op(x, weight, bias, eps)[0]
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x``; ``bias`` may be None."""
     op = "layer_norm"
@@ -395,8 +399,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     check_vector(op, "weight", weight, x.shape[-1], "x")
     check_vector(op, "bias", bias, x.shape[-1], "x")
     check_same_device(op, x=x, weight=weight, bias=bias)
-    if use_triton(x):
-        if torch.compiler.is_compiling():
-            return _layer_norm_op(x, weight, bias, eps)[0]
-        return LayerNormFunction.apply(x, weight, bias, eps)
-    return layer_norm_torch(x, weight, bias, eps)
+    return dispatch(
+        (x, weight, bias, eps), triton=LayerNormFunction.apply, compiled=_layer_norm_compiled, twin=layer_norm_torch
+    )

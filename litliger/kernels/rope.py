@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._checks import check_float, check_same_device, compute_dtype
 from ._launch import launch
-from .backend import use_triton
+from .backend import dispatch
 
 
 def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -331,6 +331,14 @@ def _rope_backward(ctx, dq_out, dk_out):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
+def _rope_compiled(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError(_NO_TABLE_GRAD)  # as RoPEFunction.forward does in eager
+    return _rope_op(q, k, cos, sin, False)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     op = "rope"
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
@@ -356,10 +364,4 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary embeddings to ``q`` and ``k``; returns new tensors ``(q_out, k_out)``."""
     _check(q, k, cos, sin)
-    if use_triton(q):
-        if torch.compiler.is_compiling():
-            if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-                raise ValueError(_NO_TABLE_GRAD)
-            return _rope_op(q, k, cos, sin, False)
-        return RoPEFunction.apply(q, k, cos, sin)
-    return rope_torch(q, k, cos, sin)
+    return dispatch((q, k, cos, sin), triton=RoPEFunction.apply, compiled=_rope_compiled, twin=rope_torch)

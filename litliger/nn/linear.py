@@ -1,4 +1,4 @@
-"""Linear and embedding layers whose initial values come from the init policy (litliger/init.py)."""
+"""Linear and embedding layers whose initial values come from the init policy (litliger/nn/init.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import init
 from ..kernels.glu_linear import glu_linear, glu_linear_input
+from . import init
 
 
 class Linear(nn.Module):

@@ -9,8 +9,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import init
 from ..kernels import add_rms_norm, layer_norm, rms_norm
+from . import init
 
 
 class RMSNorm(nn.Module):

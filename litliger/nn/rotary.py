@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import init
 from ..kernels import rope
+from . import init
 
 
 def inverse_frequencies(n_elem: int, base: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:

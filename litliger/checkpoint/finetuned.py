@@ -1,0 +1,163 @@
+"""Finetuned models: which parameters train, and the checkpoint folder that holds only those.
+
+    step-XXXXXXXX/  trainable.safetensors   exactly the trainable set (LoRA tensors + parameters selected by name)
+                    finetune.yaml           method, LoRA settings, trainable names, base folder + digest, prompt style
+                    model_config.yaml, tokenizer files (+ training_state/ when written by a run)
+    final/          the same, plus model.safetensors: the merged model, a complete checkpoint folder
+
+The frozen base is never stored again: a step folder is loaded as base (verified by the digest of its tensors) + the
+trainable tensors. Any parameter can be trained by its full name, also a bare ``nn.Parameter`` attribute
+of a module (a learned position table, a gate): selection is by name over ``named_parameters()``, so
+nothing that trains can be left out of the file (PEFT's ``modules_to_save`` lost such tensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..model.config import Config
+from ..model.gpt import GPT
+from ..model.lora import LoRAArgs, apply_lora, base_parameter_names, merge_lora, merge_lora_state_dict
+from ..nn.init import init_weights
+from .checksums import verify_checksums
+from .io import (
+    check_base,
+    copy_tokenizer_files,
+    load_tensors,
+    parameter_state_dict,
+    read_config,
+    read_finetune_meta,
+    save_checkpoint,
+    write_model_files,
+)
+from .layout import FINETUNE_FILE, MODEL_FILE, TRAINABLE_FILE
+from .tensor_files import save_tensors
+
+
+def finetune_meta(
+    *,
+    method: str,
+    lora: LoRAArgs | None,
+    trainable: list[str],
+    base_dir: Path,
+    base_digest: str,
+    prompt_style: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What finetune.yaml records (and what a resume must agree with)."""
+    return {
+        "method": method,
+        "lora": None if method != "lora" or lora is None else {**vars(lora), "targets": list(lora.targets)},
+        "trainable": list(trainable),
+        "base": {"checkpoint_dir": str(Path(base_dir).resolve()), "tensors_sha256": base_digest},
+        "prompt_style": prompt_style,
+    }
+
+
+def check_same_finetune(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """A resume continues the same finetune: same method, LoRA settings, trainable set and base weights."""
+    diffs = []
+    if saved["method"] != current["method"]:
+        diffs.append(f"method {saved['method']} -> {current['method']}")
+    for key in ("r", "alpha", "dropout", "targets"):
+        old, new = (saved.get("lora") or {}).get(key), (current.get("lora") or {}).get(key)
+        if old != new:
+            diffs.append(f"lora.{key} {old} -> {new}")
+    added = sorted(set(current["trainable"]) - set(saved["trainable"]))
+    removed = sorted(set(saved["trainable"]) - set(current["trainable"]))
+    if added or removed:
+        diffs.append(f"trainable set (+{added[:3]} -{removed[:3]})")
+    if saved["base"].get("tensors_sha256") != current["base"]["tensors_sha256"]:
+        diffs.append(f"base weights ({saved['base']['checkpoint_dir']} -> {current['base']['checkpoint_dir']})")
+    if diffs:
+        raise ValueError(
+            f"checkpoint {where} is of another finetune: {'; '.join(diffs)}; resume with the settings in "
+            f"{where / FINETUNE_FILE} or start a fresh run in another --out_dir"
+        )
+
+
+def write_finetune_files(
+    folder: Path, tensors: dict[str, torch.Tensor], *, meta: dict[str, Any], config: Config, final: bool
+) -> list[str]:
+    """Write a finetuning checkpoint's files into ``folder``; returns their names. ``tensors`` holds at least
+    the trainable set; for ``final`` every parameter, and the merged model is written beside them."""
+    base = Path(meta["base"]["checkpoint_dir"])
+    trainable = {name: tensors[name].detach().to("cpu").contiguous() for name in meta["trainable"]}
+    save_tensors(folder / TRAINABLE_FILE, trainable, metadata={"format": "pt", "litliger": "1"})
+    (folder / FINETUNE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    files = [TRAINABLE_FILE, FINETUNE_FILE]
+    if final:
+        merged = tensors
+        if meta["lora"] is not None:
+            merged = merge_lora_state_dict(dict(tensors), LoRAArgs(**meta["lora"]).scale)
+        write_model_files(folder, merged, config)
+        files.append(MODEL_FILE)
+    else:
+        config.save(folder / "model_config.yaml")
+    copy_tokenizer_files(base, folder)
+    return files
+
+
+def is_finetune_checkpoint(folder: str | Path) -> bool:
+    """A step folder of a finetune (trainable tensors on a base), not a complete checkpoint folder."""
+    folder = Path(folder)
+    return (folder / FINETUNE_FILE).is_file() and not (folder / MODEL_FILE).is_file()
+
+
+def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Load a finetuning step folder as base + trainable tensors (unmerged), after checking that the base
+    file is the one the run trained on."""
+    folder = Path(folder)
+    verify_checksums(folder, training_state=False)
+    meta = read_finetune_meta(folder)
+    base = check_base(meta, folder)
+    config = read_config(folder)
+    lora = LoRAArgs(**meta["lora"]) if meta["lora"] is not None else None
+    with torch.device("meta"):
+        model = GPT(config)
+        if lora is not None:
+            apply_lora(model, lora)
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    init_weights(model, seed=0, resuming=True)  # rebuilds the rotary tables; parameters come from the files
+    trainable = set(meta["trainable"])
+    unknown = sorted(trainable - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"{folder / FINETUNE_FILE} names trainable tensors the model lacks: {unknown[:5]}")
+    base_names = base_parameter_names(model)
+    load_tensors(model, base / MODEL_FILE, expected=base_names, copy=base_names - trainable)
+    load_tensors(model, folder / TRAINABLE_FILE, expected=trainable)
+    return model
+
+
+def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """``litliger merge_lora STEP_DIR OUT_DIR``: a finetuning step folder -> a complete checkpoint folder.
+
+    The adapters are merged into the weights (``W += (B @ A) * alpha / r`` in fp32); the result is ready for
+    every command.
+
+    Args:
+        checkpoint_dir: a finetuning checkpoint folder (trainable.safetensors + finetune.yaml).
+        out_dir: the new checkpoint folder (an existing non-empty one only with ``--overwrite``).
+        overwrite: replace a non-empty ``out_dir`` (never the inputs or a run folder).
+    """
+    from .safety import check_output_dir
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    meta = read_finetune_meta(checkpoint_dir)
+    base = Path(meta["base"]["checkpoint_dir"])
+    check_output_dir(out_dir, inputs=[checkpoint_dir, base], overwrite=overwrite)
+    model = load_finetuned(checkpoint_dir)
+    merge_lora(model)
+
+    def extra_files(folder: Path) -> None:
+        copy_tokenizer_files(checkpoint_dir, folder)
+        (folder / FINETUNE_FILE).write_text((checkpoint_dir / FINETUNE_FILE).read_text(encoding="utf-8"))
+
+    save_checkpoint(out_dir, parameter_state_dict(model), model.config, save_tokenizer=extra_files)
+    print(f"merged {checkpoint_dir} into {out_dir}")
+    return out_dir

@@ -1,0 +1,151 @@
+"""``litliger evaluate``: mean loss and perplexity of a checkpoint over a data module's validation split, and
+the scoring functions an ``lm_eval`` model needs (``LitligerLM``, only when lm-evaluation-harness is installed).
+
+The loss is the summed next-token cross-entropy over every target token of the split (a text corpus: every
+token after the first of each block; instruction data: the response tokens, prompts masked as in training)
+divided by their count; perplexity is its exp. The validation loader is not shuffled, so two runs agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data import DataModule, Instructions, PythonStdlib
+from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
+from ..util.checks import check_positive
+from .scoring import split_loss
+
+
+def main(
+    checkpoint_dir: Path,
+    data: DataModule | None = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    out_file: Path | None = None,
+    precision: Precision = "auto",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """``litliger evaluate``: the checkpoint's mean loss and perplexity on ``data``'s validation split.
+
+    Printed as JSON on stdout, and written to ``out_file`` when given.
+
+    Args:
+        checkpoint_dir: a checkpoint folder or a finetuning step folder, with its tokenizer.
+        data: any DataModule with a validation split; default the embedded corpus (the standard library).
+            Instruction data is formatted by the finetune's saved prompt style when the checkpoint has one.
+        max_seq_length: tokens per sequence (default the model's block_size).
+        batch_size: sequences per forward.
+        max_batches: evaluate only the first N batches (default all).
+        out_file: also write the JSON here (checked before any work; written whole or not at all).
+        precision: the weights' dtype (auto: bf16-true on GPUs that support it, else 32-true).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+    check_positive("batch_size", batch_size, "set how many sequences go in one forward")
+    check_positive("max_seq_length", max_seq_length, "set the tokens per sequence", optional=True)
+    check_positive("max_batches", max_batches, "set a number of batches, or leave it unset for all", optional=True)
+    if out_file is not None:
+        check_out_file(Path(out_file))  # before any work: a path that cannot be written would lose it all
+    data = data if data is not None else PythonStdlib()
+    if getattr(data, "val_split_fraction", None) == 0:
+        raise _no_val_split(data)
+    model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
+    block_size = model.config.block_size
+    if max_seq_length is not None and max_seq_length > block_size:
+        raise ValueError(
+            f"max_seq_length={max_seq_length} exceeds the model's block_size={block_size}, in --max_seq_length; "
+            f"use at most {block_size}"
+        )
+    seq_len = max_seq_length or block_size
+    if isinstance(data, Instructions):
+        style = recorded_prompt_style(checkpoint_dir)
+        if style is not None:
+            data.style = style  # the finetune's format, exactly as it trained
+        else:
+            data.select_prompt_style(Path(checkpoint_dir))
+    data.connect(tokenizer, batch_size=batch_size, max_seq_length=seq_len)
+    data.prepare_data()
+    data.setup()
+    loader = data.val_dataloader()
+    if loader is None:
+        raise _no_val_split(data)
+    start = time.perf_counter()
+    sums = split_loss(model, loader, device=device, max_batches=max_batches)
+    if sums["tokens"] == 0:
+        raise ValueError(
+            f"the validation split of {type(data).__name__} has no target tokens, in --data; give more data"
+        )
+    loss = sums["loss_sum"] / sums["tokens"]
+    result = {
+        "checkpoint_dir": str(checkpoint_dir),
+        "data": type(data).__name__,
+        "split": "val",
+        "max_seq_length": seq_len,
+        "batch_size": batch_size,
+        "batches": sums["batches"],
+        "tokens": sums["tokens"],
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out_file is not None:
+        write_atomically(Path(out_file), text + "\n")
+    return result
+
+
+def check_out_file(path: Path) -> None:
+    """Refuse, with one line that says why, an ``--out_file`` that could not be written: a folder, a path
+    below a file, or a folder without write permission (the nearest existing one; the rest is created)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, in --out_file; give the path of a file to write the JSON to")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{parent} is a file, not a folder, in --out_file {path}; give a path inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file, in --out_file; give the path of a file to write the JSON to")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden temporary file in the same folder, renamed into place when
+    complete: a failure (a full disk, a kill) leaves the previous file as it was, never a part of the new one."""
+    if path.is_symlink():  # write the file it points to, as a plain write would, and keep the link
+        path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain write would have made it 0666 - umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _no_val_split(data: DataModule) -> ValueError:
+    return ValueError(
+        f"{type(data).__name__} has no validation split, in --data; set --data.val_split_fraction above 0"
+    )
+
+
+# --- scoring for lm-evaluation-harness ---------------------------------------------------------------------

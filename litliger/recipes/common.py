@@ -1,0 +1,143 @@
+"""What the pretrain and finetune recipes share: the tokenizer, the data loaders, the end-of-run sample.
+
+Each recipe reads ``setup -> main -> engine.fit``; the steps they have in common live here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..data import DataModule, PromptStyle, Tokenizer
+from ..engine import Progress, load_training_state, reshard
+from ..inference.generate import complete, respond
+from ..inference.sampling import SampleArgs
+from ..model.config import Config
+
+
+def resolve_tokenizer(
+    fabric: L.Fabric, config: Config, *, tokenizer_dir: Path | None, checkpoints: list[Path | None], data: DataModule
+) -> Tokenizer:
+    """``tokenizer_dir``'s tokenizer, else the first checkpoint's that has one, else a byte-level BPE of
+    ``config.vocab_size`` trained on the training data (rank 0 trains it; the others read the cache)."""
+    if tokenizer_dir is not None:
+        if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"tokenizer_dir {tokenizer_dir} holds no tokenizer.json, in --tokenizer_dir; name a folder that holds "
+                "one (a checkpoint folder does), or leave it out to use the checkpoint's or train one"
+            )
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    elif source := next((c for c in checkpoints if c is not None and (Path(c) / "tokenizer.json").is_file()), None):
+        tokenizer = Tokenizer.from_dir(source)
+    else:
+        with fabric.rank_zero_first(local=False):
+            tokenizer = Tokenizer.train_bpe(data.training_files(), vocab_size=config.vocab_size)
+    if tokenizer.vocab_size > config.padded_vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model {config.name!r} has only "
+            f"{config.padded_vocab_size} embedding rows; use a model config with vocab_size >= {tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def restore_progress(
+    fabric: L.Fabric, resume_dir: Path | None, *, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Progress, dict[str, Any] | None]:
+    """The counters and the data position to continue from (a fresh run: zero and None); restores the
+    optimizer and this rank's RNG from ``resume_dir``."""
+    if resume_dir is None:
+        return Progress(), None
+    restored = load_training_state(fabric, resume_dir, model=model, optimizer=optimizer)
+    progress = Progress(step=restored["state"]["step"], tokens=restored["state"]["tokens"])
+    fabric.print(f"resumed from {resume_dir} at step {progress.step}")
+    return progress, restored["dataloader"]
+
+
+def data_loaders(
+    fabric: L.Fabric,
+    data: DataModule,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    loader_state: dict[str, Any] | None,
+) -> tuple[Any, Any]:
+    """Connect, prepare (each node's local rank 0 first) and set up ``data``; the training loader positioned
+    at ``loader_state`` (a resume) and the validation loader (or None).
+
+    Preparing once per node serves a data cache on a node-local disk as well as one on a shared
+    filesystem (there the first node publishes the cache entry and the others find it, or build the same
+    entry and keep the first: entries are content-addressed and published atomically).
+    """
+    data.connect(tokenizer, batch_size=batch_size, max_seq_length=seq_len)
+    with fabric.rank_zero_first(local=True):
+        data.prepare_data()
+    data.setup()
+    train_loader = data.train_dataloader()
+    if loader_state is not None:
+        train_loader.load_state_dict(loader_state)
+    return train_loader, data.val_dataloader()
+
+
+def print_sample(
+    fabric: L.Fabric,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sample: SampleArgs,
+    *,
+    prompt: str | None = None,
+    seq_len: int,
+    seed: int,
+) -> str:
+    """Sample ``sample.max_new_tokens`` tokens after ``prompt`` (default ``sample.prompt``) and print them."""
+    text = complete(
+        model,
+        tokenizer,
+        sample.prompt if prompt is None else prompt,
+        sample.max_new_tokens,
+        max_seq_length=seq_len,
+        device=fabric.device,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        top_p=sample.top_p,
+        seed=seed,
+    )
+    reshard(model)
+    fabric.print(f"--- sample ---\n{text}\n---")
+    return text
+
+
+def print_response(
+    fabric: L.Fabric,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    style: PromptStyle,
+    conversation: list[dict[str, str]],
+    sample: SampleArgs,
+    *,
+    seq_len: int,
+    seed: int,
+) -> str:
+    """Answer the last user turn of ``conversation`` as the finetune's prompt style formats it and print
+    the instruction and the answer."""
+    prompt_messages = conversation[:-1] if conversation[-1]["role"] == "assistant" else conversation
+    answer = respond(
+        model,
+        tokenizer,
+        style,
+        prompt_messages,
+        sample.max_new_tokens,
+        max_seq_length=seq_len,
+        device=fabric.device,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        top_p=sample.top_p,
+        seed=seed,
+    )
+    reshard(model)
+    fabric.print(f"--- held-out instruction ---\n{prompt_messages[-1]['content']}\n--- response ---\n{answer}\n---")
+    return answer

@@ -1,0 +1,68 @@
+"""``litliger <command> --help`` documents every flag: a function's ``Args:`` docstring section and the
+docstrings under the fields of the argument groups (``TrainArgs.max_steps`` ...) become the flags' help."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+from jsonargparse import CLI, capture_parser
+
+from litliger.cli import _commands, main, show_field_docs
+
+# command -> (flag, the start of its help) for a few representative flags: a group field, a parameter, a positional
+SHOWN = {
+    "pretrain": [
+        ("--train.max_steps MAX_STEPS", "optimizer steps to train"),
+        ("--train.global_batch_size GLOBAL_BATCH_SIZE", "sequences per optimizer step"),
+        ("--eval.interval INTERVAL", "steps between validations"),
+        ("--optimizer.lr LR", "the peak learning rate"),
+        ("--sample.top_p TOP_P", "nucleus sampling"),
+        ("--devices DEVICES", "processes (GPUs, or CPU processes) per node"),
+    ],
+    "finetune": [
+        ("--lora.r R", "rank of every adapter"),
+        ("--lora.targets [ITEM,...]", "layers to adapt"),
+        ("--train.epochs EPOCHS", "passes over the training set"),
+        ("--train.max_steps MAX_STEPS", "optimizer steps to train"),
+        ("--sample.max_new_tokens MAX_NEW_TOKENS", "tokens to generate at the end of the run"),
+    ],
+    "merge_lora": [("checkpoint_dir", "a finetuning checkpoint folder"), ("--overwrite {true,false}", "replace")],
+    "convert_from_hf": [("hf_dir", "a Hugging Face model folder"), ("--dtype DTYPE", "cast floating-point tensors")],
+    "convert_to_hf": [("checkpoint_dir", "a litliger checkpoint folder"), ("--dtype DTYPE", "cast floating-point")],
+    "generate": [("--top_p TOP_P", "then from the most likely"), ("--max_new_tokens MAX_NEW_TOKENS", "the most")],
+    "chat": [("--max_seq_length MAX_SEQ_LENGTH", "the KV cache's length")],
+    "evaluate": [("--batch_size BATCH_SIZE", "sequences per forward")],
+    "upgrade_checkpoint": [("checkpoint_dir", "a step-XXXXXXXX/ or final/ folder")],
+}
+
+
+def test_every_command_is_shown():
+    assert set(SHOWN) == set(_commands())
+
+
+@pytest.mark.parametrize("command", list(SHOWN))
+def test_help_exits_0_and_shows_the_flags_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
+    assert out.startswith("usage: ")
+    for flag, help_start in SHOWN[command]:
+        assert re.search(rf"(?<![\w.-]){re.escape(flag)} {re.escape(help_start)}", out), (flag, help_start)
+
+
+def test_every_flag_has_a_help_line():
+    """No flag or positional of any command is left with only its type and default."""
+    show_field_docs()
+    parser = capture_parser(lambda: CLI(_commands(), args=[], as_positional=True))
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [
+        f"{command} {action.option_strings[-1] if action.option_strings else action.dest}"
+        for command, subparser in subcommands.choices.items()
+        for action in subparser._actions
+        if not (action.help or "").strip()
+    ]
+    assert set(subcommands.choices) == set(_commands())
+    assert undocumented == []
