@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency (pyproject's test extra): missing, this module fails
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,8 +22,6 @@ from litliger.checkpoint.checksums import write_checksums
 from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, MODEL_FILE
 from litliger.convert import config_from_hf, config_to_hf, convert_from_hf, convert_to_hf
 from litliger.kernels import use_backend
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, T = 128, 12
 SMALL = dict(

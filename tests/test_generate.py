@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  (a test dependency, pyproject's test extra: missing, this module fails)
 from test_convert import hf_model
 from test_finetune import gpt2_config, make_base, run, tiny_config, write_instructions
 
@@ -16,8 +17,6 @@ from litliger import GPT
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf
 from litliger.inference.generate import generate, generate_tokens, left_pad_prompts
-
-transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "gpt2"]  # mistral: sliding window 4
 PROMPT, NEW = 10, 44  # 10 + 44 tokens fit the tiny models' 64 positions; Mistral's prompt is longer than its window

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pretrain import REPO, cli_args, losses, run, write_corpus
+from test_pretrain import REPO, assert_same_weights, cli_args, losses, run, write_corpus
 
 from litliger.engine import TrainArgs, find_resume_checkpoint
 from litliger.engine.training_state import _wait_until_visible, prune_step_checkpoints, read_state
@@ -79,6 +79,8 @@ def test_torchrun_one_node_and_two_nodes_match_fabric_launch(workspace, referenc
     finish(*[start(node(rank), environment(workspace)) for rank in (0, 1)])
     assert losses(one_node) == reference
     assert losses(two_nodes) == reference
+    assert_same_weights(one_node / "final", workspace / "fabric" / "final")
+    assert_same_weights(two_nodes / "final", workspace / "fabric" / "final")
 
 
 @pytest.mark.slow
@@ -91,6 +93,7 @@ def test_srun_tasks_match_fabric_launch(workspace, reference):
     task_env = lambda rank: {**environment(workspace), **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
     finish(*[start(command, task_env(rank)) for rank in (0, 1)])
     assert losses(out) == reference
+    assert_same_weights(out / "final", workspace / "fabric" / "final")
 
 
 def worker_pid(out_dir: Path, rank: int) -> int | None:
@@ -139,6 +142,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(workspace, 
     # the interrupted save left the previous checkpoint intact and was never picked up half-written
     assert resumed_step == (2 * SAVE_EVERY if published else SAVE_EVERY), (published, output)
     assert losses(out) == reference  # the restarted group continues exactly: every step equals the straight run's
+    assert_same_weights(out / "final", workspace / "fabric" / "final")  # and so do the final weights
     assert find_resume_checkpoint(out).name == "final" and not [
         p for p in out.iterdir() if p.is_dir() and p.name[0] == "."
     ]
@@ -169,6 +173,7 @@ def test_keep_last_and_time_based_saves_and_a_resume_from_the_oldest_kept(tmp_pa
     run(resumed_out, corpus, steps=8, resume=oldest, train=train(max_steps=8, save_interval=2, keep_last=1))
     assert checkpoints(resumed_out) == ["final", "step-00000006"]
     assert {s: v for s, v in losses(resumed_out).items() if s > 4} == {s: v for s, v in straight.items() if s > 4}
+    assert_same_weights(resumed_out / "final", out / "final")
     run(out, corpus, steps=10, resume=oldest, train=train(max_steps=10, save_interval=2, keep_last=1))
     assert checkpoints(out) == ["final", "step-00000004", "step-00000008"]
 

@@ -1,8 +1,8 @@
-"""Nothing lost, ever: converters never replace a non-empty folder unasked, nor an input or a training run, and
-a run folder has one writer at a time (``RunLock``), which a crashed run never leaves stuck.
+"""Nothing lost, ever: converters and merge_lora never replace a non-empty folder unasked, nor an input or a
+training run, and a run folder has one writer at a time (``RunLock``), which a crashed run never leaves stuck.
 
 Everything is tiny: a one-layer checkpoint with random weights written by ``save_checkpoint``, its Hugging
-Face folder made by ``convert_to_hf``, and a few lock-holding subprocesses.
+Face folder made by ``convert_to_hf``, a LoRA step folder on it, and a few lock-holding subprocesses.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from litliger import Config
+from litliger import GPT, Config
 from litliger.checkpoint import load_state_dict, save_checkpoint
-from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, LOCK_FILE
+from litliger.checkpoint.finetuned import merge_lora_checkpoint
+from litliger.checkpoint.layout import CHECKSUMS_FILE, CONFIG_FILE, LOCK_FILE, MODEL_FILE
 from litliger.checkpoint.safety import LockHolder, RunLock, RunLockedError, check_output_dir
 from litliger.cli import main as cli_main
 from litliger.convert import convert_from_hf, convert_to_hf
@@ -259,6 +260,117 @@ def test_from_hf_into_an_empty_existing_folder_needs_no_overwrite(run_dir, hf_di
     convert_from_hf(hf_dir, tmp_path / "out")
     original, back = load_state_dict(run_dir / "final"), load_state_dict(tmp_path / "out")
     assert sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
+# --- merge_lora ------------------------------------------------------------------------------------------------
+
+
+def finetune_step(base: Path, folder: Path) -> Path:
+    """A LoRA finetune's step folder on ``base``, as a run writes it (trainable.safetensors, finetune.yaml,
+    model_config.yaml, training_state/, checksums.json); random adapters, B not zero, so merging changes W."""
+    from litliger.checkpoint.finetuned import finetune_meta, write_finetune_files
+    from litliger.checkpoint.io import atomic_dir, base_identity
+    from litliger.model.lora import LoRAArgs, apply_lora
+
+    config, lora = tiny_config(), LoRAArgs(r=2, alpha=4.0, dropout=0.0)
+    with torch.device("meta"):
+        model = GPT(config)
+        apply_lora(model, lora)
+    g = torch.Generator().manual_seed(2)
+    tensors = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if ".lora_" in n}
+    digest = base_identity(base / MODEL_FILE)
+    meta = finetune_meta(
+        method="lora", lora=lora, trainable=sorted(tensors), base_dir=base, base_digest=digest, prompt_style=None
+    )
+    with atomic_dir(folder) as tmp:
+        write_finetune_files(tmp, tensors, meta=meta, config=config, final=False)
+        (tmp / "training_state").mkdir()
+        (tmp / "training_state" / "state.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def ft_step(run_dir, tmp_path) -> Path:
+    """tmp_path/ft/step-00000002: a finetune run's step folder, on tmp_path/run/final as its base."""
+    return finetune_step(run_dir / "final", tmp_path / "ft" / "step-00000002")
+
+
+def test_merge_refuses_a_non_empty_folder_and_keeps_every_byte(ft_step, tmp_path):
+    out = user_folder(tmp_path / "out")
+    before = snapshot(out)
+    with pytest.raises(ValueError) as e:
+        merge_lora_checkpoint(ft_step, out)
+    assert str(e.value) == (
+        f"output folder {out} is not empty (holds .hidden, model.safetensors, notes.txt and 2 more); "
+        "choose an empty or new folder, or pass --overwrite true to replace it"
+    )
+    assert snapshot(out) == before and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("ft/step-00000002", "output folder {out} is the input folder; choose another folder"),
+        ("ft", "output folder {out} holds the input {step}; choose a folder outside it"),  # the finetune run
+        ("ft/step-00000002/merged", "output folder {out} is inside the input {step}; choose a folder outside it"),
+        ("run/final", "output folder {out} is the input folder; choose another folder"),  # the base
+        ("run", "output folder {out} holds the input {base}; choose a folder outside it"),  # the base's run
+        ("run/final/merged", "output folder {out} is inside the input {base}; choose a folder outside it"),
+        (".", "output folder {out} holds the input {step}; choose a folder outside it"),  # around both
+    ],
+    ids=["input", "finetune-run", "inside-input", "base", "base-run", "inside-base", "around-both"],
+)
+def test_merge_never_writes_over_or_into_its_inputs_even_with_overwrite(ft_step, tmp_path, target, message):
+    out, base = tmp_path / target, (tmp_path / "run" / "final").resolve()
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError) as e:
+        merge_lora_checkpoint(ft_step, out, overwrite=True)
+    assert str(e.value) == message.format(out=out, step=ft_step, base=base)
+    assert snapshot(tmp_path) == before  # both runs, byte for byte
+
+
+@pytest.mark.parametrize("mark", ["step-00000010", "final", "training_state", LOCK_FILE])
+def test_merge_refuses_a_training_run_folder_even_with_overwrite(ft_step, tmp_path, mark):
+    other = tmp_path / "other_run"  # neither input's run: still never replaced
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    if mark == LOCK_FILE:
+        (other / mark).touch()
+    else:
+        (other / mark).mkdir()
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"holds a training run \(.*\); choose another folder \(--overwrite never"):
+        merge_lora_checkpoint(ft_step, other, overwrite=True)
+    assert snapshot(other) == before
+
+
+def test_merge_overwrite_replaces_a_plain_folder_with_the_merged_checkpoint(ft_step, tmp_path):
+    expected = snapshot(merge_lora_checkpoint(ft_step, tmp_path / "reference"))
+    assert {MODEL_FILE, CONFIG_FILE, CHECKSUMS_FILE, "finetune.yaml"} <= set(expected)
+    merged, base = load_state_dict(tmp_path / "reference"), load_state_dict(tmp_path / "run" / "final")
+    qkv = "transformer.h.0.attn.qkv.weight"  # an adapted layer: the merge changed it
+    assert merged.keys() == base.keys() and not torch.equal(merged[qkv], base[qkv])
+    out = user_folder(tmp_path / "out")
+    merge_lora_checkpoint(ft_step, out, overwrite=True)
+    assert snapshot(out) == expected  # exactly the merge, none of the old files
+    assert no_leftovers(tmp_path)
+
+
+def test_a_folder_filled_during_the_merge_is_not_replaced(ft_step, tmp_path, monkeypatch):
+    """The check runs again just before publishing: the folder may have been written meanwhile."""
+    from litliger.checkpoint import finetuned
+
+    out, real_copy = tmp_path / "out", finetuned.copy_tokenizer_files
+
+    def copy_and_meanwhile_write(*args, **kwargs):
+        out.mkdir()
+        (out / "notes.txt").write_text("written while merging")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(finetuned, "copy_tokenizer_files", copy_and_meanwhile_write)
+    with pytest.raises(ValueError, match=r"is not empty \(holds notes\.txt\)"):
+        merge_lora_checkpoint(ft_step, out)
+    assert snapshot(out) == {"notes.txt": b"written while merging"} and no_leftovers(tmp_path)
 
 
 # --- the command line ------------------------------------------------------------------------------------------

@@ -149,14 +149,17 @@ def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool =
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     meta = read_finetune_meta(checkpoint_dir)
-    base = Path(meta["base"]["checkpoint_dir"])
-    check_output_dir(out_dir, inputs=[checkpoint_dir, base], overwrite=overwrite)
+    inputs = [checkpoint_dir, Path(meta["base"]["checkpoint_dir"])]
+    check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
     model = load_finetuned(checkpoint_dir)
     merge_lora(model)
 
     def extra_files(folder: Path) -> None:
         copy_tokenizer_files(checkpoint_dir, folder)
         (folder / FINETUNE_FILE).write_text((checkpoint_dir / FINETUNE_FILE).read_text(encoding="utf-8"))
+        # save_checkpoint calls this inside its atomic_dir block, after the weights and the config: the last step
+        # before checksums.json and the publish, which is where convert_to_hf checks its output folder again
+        check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)  # again: it may have changed meanwhile
 
     save_checkpoint(out_dir, parameter_state_dict(model), model.config, save_tokenizer=extra_files)
     print(f"merged {checkpoint_dir} into {out_dir}")

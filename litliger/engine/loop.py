@@ -350,6 +350,8 @@ class _Run:
         self.fabric.print(
             f"{self.signals.name or 'SIGTERM'}: stopped after step {self.progress.step}; resume with --resume auto"
         )
+        if self.signals.received == signal.SIGINT:
+            raise RunInterrupted(signal.SIGINT)  # saved; Ctrl-C still exits 130 (cli.py), as at any other moment
         return path
 
     def check_finite(self) -> None:
@@ -381,9 +383,9 @@ def fit(
     """Train until ``setup.total_steps`` is reached, a signal arrives, or the loss turns non-finite.
 
     Returns the folder of the last checkpoint written (``final`` at the end, ``step-*`` when stopped by
-    SIGTERM/SIGINT), or None when a signal arrived before there was anything to save. A signal that arrives
-    during the save of ``final`` raises :class:`RunInterrupted` once ``final`` is complete: the run is saved,
-    and nothing that follows it (the end-of-run sample) runs.
+    SIGTERM). SIGINT (Ctrl-C) saves the same way and then raises :class:`RunInterrupted`, so the command exits
+    130 as a shell expects of Ctrl-C; so does any signal that arrives during the save of ``final``, once
+    ``final`` is complete: the run is saved, and nothing that follows it (the end-of-run sample) runs.
     """
     accum = train.gradient_accumulation_steps(fabric.world_size)
     if setup.resumed_from is not None and setup.resumed_from.name == FINAL_DIR and progress.step >= setup.total_steps:
