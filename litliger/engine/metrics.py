@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from ..util.files import write_atomically
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 
@@ -82,9 +83,7 @@ class MetricsLog:
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= keep_through:
                     kept.append(line.removesuffix(b"\r"))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, b"".join(line + b"\n" for line in kept))
 
     def log(self, values: dict[str, Any], step: int) -> None:
         values = {"step": step, **{k: v for k, v in values.items() if v is not None}}

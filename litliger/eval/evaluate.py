@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from ..data import DataModule, Instructions, PythonStdlib
 from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
 from ..util.checks import check_positive
+from ..util.files import write_atomically
 from .scoring import split_loss
 
 
@@ -115,31 +115,6 @@ def check_out_file(path: Path) -> None:
         raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
     if path.exists() and not path.is_file():
         raise ValueError(f"{path} is not a regular file, in --out_file; give the path of a file to write the JSON to")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden temporary file in the same folder, renamed into place when
-    complete: a failure (a full disk, a kill) leaves the previous file as it was, never a part of the new one."""
-    if path.is_symlink():  # write the file it points to, as a plain write would, and keep the link
-        path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain write would have made it 0666 - umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _no_val_split(data: DataModule) -> ValueError:
