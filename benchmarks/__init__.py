@@ -9,6 +9,8 @@ the environment (``pip install -e .``) or from the same root. Each prints a tabl
     python -m benchmarks.flce_memory         peak memory of the fused linear cross-entropy against the naive loss
     python -m benchmarks.sweep_flce_chunks   FLCE time over chunk sizes (where default_chunk_size comes from)
     python -m benchmarks.pretrain            `litliger pretrain` throughput and memory per kernel backend
+    python -m benchmarks.data                `litliger prepare` against the tokenizer's limit and LitGPT's litdata
+                                             path, loaders (litdata, Mixture, TokenShards), preparation RSS
     python -m benchmarks.finetune            LoRA against full finetuning: tokens/s, memory, optimizer state
     python -m benchmarks.generate            decoding: KV cache, no cache and transformers.generate
     python -m benchmarks.peers               the same training step in litliger, LitGPT and transformers

@@ -40,10 +40,12 @@ def _commands() -> dict[str, Callable]:
     from .inference.chat import main as chat
     from .inference.generate import main as generate
     from .recipes.finetune import setup as finetune
+    from .recipes.prepare import main as prepare
     from .recipes.pretrain import setup as pretrain
 
     return {
         "pretrain": pretrain,
+        "prepare": prepare,
         "finetune": finetune,
         "merge_lora": merge_lora_checkpoint,
         "convert_from_hf": convert_from_hf,

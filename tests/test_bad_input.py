@@ -42,6 +42,7 @@ RESUME = ["pretrain", "--model_config", "{tiny_yaml}", "--out_dir", "{out}", "--
 FRESH = [*RESUME, "false", "--tokenizer_dir", "{tokenizer_dir}"]
 CHAT = ["chat", "{ckpt}"]
 EVALUATE = ["evaluate", "{ckpt}", "--max_seq_length", "16"]
+PREPARE = ["prepare", "--data", "litliger.data.Corpus", "--data.path", "{corpus}", "--out_dir", "{out}"]
 USAGE = 2  # exit status of a command-line parse error (argparse's)
 
 
@@ -215,6 +216,17 @@ ROWS = [
     flag("out_file", "{ckpt}", r"/ckpt is a folder, in --out_file; give the path of a file to write the JSON to$", base=EVALUATE),
     flag("out_file", "{tiny_yaml}/eval.json", r"/tiny\.yaml is a file, not a folder, in --out_file .*/tiny\.yaml/eval\.json; ", base=EVALUATE),
     flag("data", "litliger.data.Nope", r"^litliger\.data\.Nope: module 'litliger\.data' has no attribute 'Nope', in --data; ", USAGE, base=EVALUATE),
+    # prepare
+    pytest.param(["prepare", "--out_dir", "{out}"], r"^no data, in --data; name a corpus, e\.g\. --data litliger\.data\.Corpus", 1, id="data=none"),
+    pytest.param(["prepare", "--data", "litliger.data.Corpus", "--data.path", "{corpus}"], r"^no output, in --out_dir; give a new or empty folder", 1, id="out_dir=none"),
+    pytest.param(["prepare", "--data", "litliger.data.TokenShards", "--data.path", "{corpus}", "--out_dir", "{out}"], r"^litliger prepare reads a corpus .* got TokenShards, in --data$", 1, id="data=TokenShards"),
+    pytest.param([*PREPARE, "--tokenizer_dir", "{corpus}"], r"holds no tokenizer\.json, in --tokenizer_dir; name a tokenizer folder$", 1, id="tokenizer_dir=corpus"),
+    pytest.param(PREPARE, r"^no tokenizer, in --tokenizer_dir; name a tokenizer folder, or give --vocab_size", 1, id="tokenizer_dir=none"),
+    pytest.param([*PREPARE, "--vocab_size", "100"], must("vocab_size", "100", ">= 257"), 1, id="vocab_size=100"),
+    pytest.param([*PREPARE, "--num_proc", "0"], must("num_proc", "0", ">= 1"), 1, id="num_proc=0"),
+    pytest.param([*PREPARE, "--num_nodes", "0"], must("num_nodes", "0", ">= 1"), 1, id="num_nodes=0"),
+    pytest.param(["prepare", "--data", "litliger.data.Corpus", "--data.path", "{corpus}", "--out_dir", "s3://nowhere/x", "--storage_options", '{{"endpoint_url": "https://127.0.0.1:1"}}'], r"^cannot reach s3://nowhere/x at endpoint https://127\.0\.0\.1:1 \(.*\); check the endpoint_url in --storage_options / AWS_ENDPOINT_URL, the credentials, and that the bucket 'nowhere' exists$", 1, id="storage_options=unreachable"),
+    pytest.param([*PREPARE, "--num_nodes", "2", "--node_rank", "2"], r"^node_rank=2 is not in \[0, 2\), in --node_rank; ", 1, id="node_rank=2"),
     pytest.param([*EVALUATE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{corpus}", "--data.val_split_fraction", "0"], r"^TextFiles has no validation split, in --data; set --data\.val_split_fraction above 0$", 1, id="data=no-val-split"),
     pytest.param(["evaluate", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="checkpoint_dir=no-tokenizer"),
     # resume: a training checkpoint with a corrupt training state names the file

@@ -28,6 +28,7 @@ SHOWN = {
         ("--train.max_steps MAX_STEPS", "optimizer steps to train"),
         ("--sample.max_new_tokens MAX_NEW_TOKENS", "tokens to generate at the end of the run"),
     ],
+    "prepare": [("--out_dir OUT_DIR", "a new or empty local folder"), ("--num_proc NUM_PROC", "processes on this")],
     "merge_lora": [("checkpoint_dir", "a finetuning checkpoint folder"), ("--overwrite {true,false}", "replace")],
     "convert_from_hf": [("hf_dir", "a Hugging Face model folder"), ("--dtype DTYPE", "cast floating-point tensors")],
     "convert_to_hf": [("checkpoint_dir", "a litliger checkpoint folder"), ("--dtype DTYPE", "cast floating-point")],

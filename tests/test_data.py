@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import litliger.data.text_files as text_files
+import litliger.data.corpus as corpus
 from litliger.data import PythonStdlib, TextFiles, Tokenizer, infinite_batches
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "litliger" / "data"
@@ -70,7 +70,7 @@ def test_batches_are_blocks_of_the_eos_separated_documents(tok: Tokenizer, tmp_p
     texts = {f.read_text(encoding="utf-8") for f in files}
     whole = [p for row in rows for p in tok.decode(list(row)).split("<|endoftext|>")[1:-1]]
     assert whole and all(p in texts for p in whole)  # text between two EOS is exactly one document
-    (meta,) = (tmp_path / "cache" / "data").glob("train-*/litliger.json")
+    (meta,) = (tmp_path / "cache" / "data").glob("corpus-*/litliger.json")
     assert json.loads(meta.read_text())["dtype"] == "uint16"
 
 
@@ -104,7 +104,7 @@ def test_single_file_splits_at_a_line_boundary(tok: Tokenizer, tmp_path: Path) -
     raw = corpus.read_bytes()
     assert (train.start, train.end, val.start, val.end) == (0, val.start, train.end, len(raw))
     assert raw[val.start - 1 : val.start] == b"\n" and 0.7 < train.end / len(raw) < 0.8
-    assert train.read() + val.read() == corpus.read_text(encoding="utf-8")
+    assert raw[train.start : train.end] + raw[val.start : val.end] == raw
     assert next(iter(data.train_dataloader())).shape == (3, 17) and next(iter(data.val_dataloader())).shape[1] == 17
 
 
@@ -118,37 +118,35 @@ def test_explicit_val_folder(tok: Tokenizer, tmp_path: Path) -> None:
 
 def test_cache_is_reused_and_keyed_by_content(tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_optimize = text_files.optimize
-    monkeypatch.setattr(text_files, "optimize", lambda **kw: (calls.append(1), real_optimize(**kw)))
+    real_run_units = corpus.run_units
+    monkeypatch.setattr(corpus, "run_units", lambda *a, **kw: (calls.append(1), real_run_units(*a, **kw))[1])
     files = write_corpus(tmp_path / "c", 6)
-    start_method = multiprocessing.get_start_method(allow_none=True)
     prepared(tok, tmp_path / "c", val_split_fraction=0.0)
-    assert multiprocessing.get_start_method(allow_none=True) == start_method  # optimize() sets it globally
     (entry,) = entries(tmp_path)
-    mtime = (entry / "index.json").stat().st_mtime_ns
+    mtime = (entry / "train" / "index.json").stat().st_mtime_ns
     prepared(tok, tmp_path / "c", val_split_fraction=0.0)
-    assert len(calls) == 1 and (entry / "index.json").stat().st_mtime_ns == mtime  # reused
+    assert len(calls) == 1 and (entry / "train" / "index.json").stat().st_mtime_ns == mtime  # reused
 
     shutil.copytree(tmp_path / "c", tmp_path / "moved")
     prepared(tok, tmp_path / "moved", val_split_fraction=0.0)
     assert len(calls) == 1  # same names and contents elsewhere: same entry
 
     prepared(tok, tmp_path / "c", max_seq_length=8, val_split_fraction=0.0)
-    assert len(calls) == 2  # sample length is in the key
+    assert len(calls) == 1  # one token stream serves every sample length
     files[0].write_text("doc 0: changed content\n", encoding="utf-8")
     prepared(tok, tmp_path / "c", val_split_fraction=0.0)
-    assert len(calls) == 3  # content is in the key
+    assert len(calls) == 2  # content is in the key
     other = Tokenizer.train_bpe(files, 280, use_cache=False)
     data = TextFiles(tmp_path / "c", val_split_fraction=0.0)
     data.connect(other, 3, 16)
     data.prepare_data()
-    assert len(calls) == 4  # the tokenizer is in the key
-    assert len(entries(tmp_path)) == 4
+    assert len(calls) == 3  # the tokenizer is in the key
+    assert len(entries(tmp_path)) == 3
 
     # An entry that lost a chunk file is rebuilt rather than trusted.
-    next(entry.glob("chunk-*.bin")).unlink()
+    next((entry / "train").glob("chunk-*.bin")).unlink()
     prepared(tok, tmp_path / "moved", val_split_fraction=0.0)
-    assert len(calls) == 5 and len(list(entry.glob("chunk-*.bin"))) > 0
+    assert len(calls) == 4 and len(list((entry / "train").glob("chunk-*.bin"))) > 0
 
 
 def test_interrupted_preparation_leaves_no_entry(
@@ -156,11 +154,12 @@ def test_interrupted_preparation_leaves_no_entry(
 ) -> None:
     write_corpus(tmp_path / "c", 6)
 
-    def killed(output_dir: str, **kw) -> None:
-        (Path(output_dir) / "index.json").write_text("{}")  # half-written output
+    def killed(units, out_dir: Path, **kw) -> None:
+        (out_dir / "train").mkdir()
+        (out_dir / "train" / "index.json").write_text("{}")  # half-written output
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(text_files, "optimize", killed)
+    monkeypatch.setattr(corpus, "run_units", killed)
     data = TextFiles(tmp_path / "c", val_split_fraction=0.0)
     data.connect(tok, 3, 16)
     with pytest.raises(KeyboardInterrupt):

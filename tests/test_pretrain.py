@@ -422,15 +422,20 @@ def test_cli_two_processes_init_and_resume(tmp_path, corpus, strategy):
 
 
 @pytest.mark.slow
-def test_cli_debug_config_runs(tmp_path):
-    """The README's main job (config_hub/pretrain/debug.yaml), shortened: the config file is valid end to end."""
-    out = tmp_path / "debug"
-    args = ["pretrain", "--config", str(REPO / "config_hub/pretrain/debug.yaml"), "--out_dir", str(out)]
+@pytest.mark.parametrize("name", ["debug", "mixture-debug"])
+def test_cli_debug_config_runs(tmp_path, name):
+    """The README's main job (config_hub/pretrain/debug.yaml) and the mixture that needs no download, shortened:
+    each config file is valid end to end."""
+    out = tmp_path / name
+    args = ["pretrain", "--config", str(REPO / f"config_hub/pretrain/{name}.yaml"), "--out_dir", str(out)]
     short = ["--train.max_steps", "4", "--eval.interval", "2", "--eval.max_iters", "2", "--sample.max_new_tokens", "8"]
     result = cli([*args, *short], {"LITLIGER_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "--- sample ---\ndef " in result.stdout
     assert (out / "final" / "tokenizer.json").is_file() and len(losses(out)) == 1  # log_interval 10: the last step
+    if name == "mixture-debug":
+        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        assert {"val_loss", "val_loss/modules", "val_loss/packages"} <= set(last)
 
 
 @pytest.mark.parametrize("config_file", sorted((REPO / "config_hub").rglob("*.yaml")), ids=lambda p: p.name)

@@ -34,7 +34,8 @@ STOPPED = "stopped after step"
 
 def _targets() -> dict:
     """target -> (module, function, fire after the call instead of before it, signal the parent process)."""
-    import litliger.data.text_files
+    import litliger.data.corpus
+    import litliger.data.shards
     import litliger.data.tokenizer
     import litliger.engine.loop
     import litliger.recipes.common
@@ -44,10 +45,10 @@ def _targets() -> dict:
         # a signal while the BPE trainer (Rust) consumes the corpus: at the nth text it reads
         "tokenizer": (litliger.data.tokenizer, "_texts", False, False),
         # the chunks are written into the cache's private .tmp-* folder, which is not published yet
-        "prepare": (litliger.data.text_files, "_optimize", True, False),
-        # while litdata's worker process tokenizes: the worker signals the litliger process, as a scheduler would
-        "prepare-worker": (litliger.data.text_files._TokenizeShard, "__call__", False, True),
-        "validate": (litliger.engine.loop, "validate", False, False),
+        "prepare": (litliger.data.corpus, "run_units", True, False),
+        # while a preparation worker process reads documents: it signals the litliger process, as a scheduler would
+        "prepare-worker": (litliger.data.shards, "read_documents", False, True),
+        "validate": (litliger.engine.loop, "validation_sums", False, False),
         # after the step's backward, before its optimizer step
         "step": (litliger.engine.loop, "_clip_gradients", False, False),
         # mid-save: the optimizer state is written, the weights are not yet
@@ -291,7 +292,7 @@ def test_sigterm_at_the_end_of_a_run_prints_no_sample(tmp_path, shared):
 
 
 def test_signal_during_training_saves_the_step_and_prints_no_sample(tmp_path, shared):
-    # fresh caches: the runs prepare their data themselves (litdata's optimize() replaces the SIGINT handler)
+    # fresh caches: the runs prepare their data themselves (in worker processes)
     runs = {
         name: pretrain(
             shared, tmp_path / name, 6, "--sample.max_new_tokens", "8", hook=f"step:2:{name}:1",

@@ -17,15 +17,18 @@ boundary.
 
 from __future__ import annotations
 
+import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.item_loader import TokensLoader
+from litdata.streaming.resolver import Dir
 
 from litliger.data.tokenizer import Tokenizer
 
@@ -38,6 +41,7 @@ class DataModule(ABC):
     tokenizer: Tokenizer | None = None
     batch_size: int = 1
     max_seq_length: int = -1
+    reset: bool = False  # a resume ignores the checkpoint's data position (a new data phase); see the recipes
 
     def connect(self, tokenizer: Tokenizer, batch_size: int, max_seq_length: int) -> None:
         """Give the module what it needs to tokenize and batch: samples are `max_seq_length + 1` tokens."""
@@ -65,10 +69,19 @@ class DataModule(ABC):
     def training_files(self) -> list[Path]:
         """The files a tokenizer for this data would be trained on."""
 
+    def train_tokenizer(self, vocab_size: int) -> Tokenizer:
+        """The tokenizer a run uses when none is given: a byte-level BPE trained on this data (cached)."""
+        return Tokenizer.train_bpe(self.training_files(), vocab_size=vocab_size)
+
 
 def collate_tokens(items: list[np.ndarray]) -> torch.Tensor:
     """Stack token blocks (stored as uint16/int32 to halve the disk) into an int64 batch."""
     return torch.from_numpy(np.stack(items).astype(np.int64))
+
+
+def stack_stored(items: list[np.ndarray]) -> np.ndarray:
+    """Stack token blocks as stored (uint16/int32): for a consumer that converts them once (a Mixture)."""
+    return np.stack(items)
 
 
 class ResumableLoader(StreamingDataLoader):
@@ -78,8 +91,15 @@ class ResumableLoader(StreamingDataLoader):
     resumes at the same (epoch, batch) position with a warning, since the order can no longer match.
     """
 
-    def __init__(self, dataset: StreamingDataset, batch_size: int, num_workers: int = 0, fingerprint: str = ""):
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        batch_size: int,
+        num_workers: int = 0,
+        fingerprint: str = "",
+        collate: Callable[[list[np.ndarray]], Any] = collate_tokens,
+    ):
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         self.fingerprint = fingerprint
         self._batches_in_epoch = 0
 
@@ -144,6 +164,89 @@ class ResumableLoader(StreamingDataLoader):
                 "latest_worker_idx": (done - 1) % max(self.num_workers, 1),
             }
         )
+
+
+_NEVER_EVICT = 1 << 50  # litdata may delete chunks it thinks are a download cache; local shards are the data itself
+
+
+def token_dataset(
+    input_dir: str,
+    *,
+    block: int,
+    shuffle: bool,
+    seed: int = 42,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    max_cache_size: int | str | None = None,
+) -> StreamingDataset:
+    """litdata's dataset of ``block``-token samples over prepared shards (a local folder or a remote URL)."""
+    remote = "://" in input_dir
+    return StreamingDataset(
+        input_dir=input_dir if not (remote and cache_dir) else Dir(path=cache_dir, url=input_dir),
+        item_loader=TokensLoader(block_size=block),
+        shuffle=shuffle,
+        # Training: every rank and worker gets the same number of full batches (litdata forces this under
+        # torch.distributed anyway). Validation on one rank keeps every sample.
+        drop_last=True if shuffle else None,
+        seed=seed,
+        item_shuffle_window=0,  # a full permutation inside each chunk, independent of LITDATA_* env settings
+        max_cache_size=(max_cache_size or "10GB") if remote else _NEVER_EVICT,
+        storage_options=storage_options or {},
+    )
+
+
+def token_train_loader(
+    input_dir: str,
+    *,
+    block: int,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    fingerprint: str,
+    what: str,
+    collate: Callable[[list[np.ndarray]], Any] = collate_tokens,
+    **remote,
+) -> ResumableLoader:
+    """The exactly resumable training loader over prepared shards; an error when no full batch fits."""
+    dataset = token_dataset(input_dir, block=block, shuffle=True, seed=seed, **remote)
+    loader = ResumableLoader(dataset, batch_size, num_workers, fingerprint, collate)
+    if len(loader) == 0:
+        samples = total_samples(loader.dataset, block)
+        if samples == 0:
+            raise ValueError(
+                f"The text of {what} is shorter than one sample of max_seq_length + 1 = {block} tokens: add text or "
+                "lower max_seq_length."
+            )
+        raise ValueError(
+            f"{what} ({samples} samples of {block} tokens) gives no full batch of {batch_size} per rank and worker: "
+            "add text, or lower batch_size, max_seq_length or num_workers."
+        )
+    return loader
+
+
+def total_samples(dataset: StreamingDataset, block: int) -> int:
+    """Samples of ``block`` tokens in a token dataset, all ranks together (from its index, local or cached)."""
+    index = json.loads((Path(dataset.input_dir.path) / "index.json").read_text())
+    return sum(c["dim"] // block for c in index["chunks"])
+
+
+def token_val_loader(
+    input_dir: str, *, block: int, batch_size: int, num_workers: int, what: str, **remote
+) -> StreamingDataLoader:
+    """The validation loader over prepared shards (not shuffled)."""
+    dataset = token_dataset(input_dir, block=block, shuffle=False, **remote)
+    if total_samples(dataset, block) == 0:
+        raise ValueError(
+            f"The text of {what} is shorter than one sample of max_seq_length + 1 = {block} tokens: add validation "
+            "text or lower max_seq_length."
+        )
+    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
+    if len(loader) == 0:  # only possible with several ranks, where litdata drops the incomplete batches
+        raise ValueError(
+            f"{what} gives no full batch of {batch_size} per rank: add validation text or lower batch_size or "
+            "max_seq_length."
+        )
+    return loader
 
 
 def infinite_batches(loader: StreamingDataLoader) -> Iterator[torch.Tensor]:

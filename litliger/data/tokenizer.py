@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,17 @@ class Tokenizer:
         vocab_size: int,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
+        *,
+        texts: Callable[[], Iterable[str]] | None = None,
+        identity: str | None = None,
     ) -> Tokenizer:
         """Train a byte-level BPE with `vocab_size` ids on `files`; `<|endoftext|>` (id 0) is EOS and BOS.
 
         The result is cached under `cache_dir` (default `<cache root>/tokenizers`) by the content of the
         files and `vocab_size`, so a second run on the same corpus reuses it instead of training again.
-        Files that are not valid UTF-8 are skipped, as the data modules skip them.
+        Files that are not valid UTF-8 are skipped, as the data modules skip them. A corpus that is not
+        plain text files passes `texts` (called to stream the documents) and the `identity` of its content
+        (the cache key) instead of `files`.
         """
         minimum = _BYTE_ALPHABET + 1
         if vocab_size < minimum:
@@ -123,6 +128,9 @@ class Tokenizer:
                 f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs at least {minimum} "
                 f"({_BYTE_ALPHABET} byte tokens + {EOS_TOKEN}); use e.g. 4096."
             )
+        if texts is not None:
+            key = json_digest([_BPE_CACHE_VERSION, tokenizers.__version__, vocab_size, identity])
+            return cls._train(texts(), vocab_size, key, cache_dir, use_cache)
         files = [Path(f) for f in files]
         if not files:
             raise ValueError("train_bpe got no files to train on; pass the corpus files (DataModule.training_files()).")
@@ -135,6 +143,12 @@ class Tokenizer:
             raise ValueError(f"None of the {len(files)} files given to train_bpe (e.g. {files[0]}) holds UTF-8 text.")
 
         key = json_digest([_BPE_CACHE_VERSION, tokenizers.__version__, vocab_size, sorted(digests)])
+        return cls._train(_texts(files), vocab_size, key, cache_dir, use_cache)
+
+    @classmethod
+    def _train(
+        cls, texts: Iterable[str], vocab_size: int, key: str, cache_dir: str | Path | None, use_cache: bool
+    ) -> Tokenizer:
         entry = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
         entry = entry / f"bpe-{vocab_size}-{key[:24]}"
         if use_cache and (entry / "tokenizer.json").is_file():
@@ -149,7 +163,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        backend.train_from_iterator(_texts(files), trainer)
+        backend.train_from_iterator(texts, trainer)
         if backend.get_vocab_size() < vocab_size:
             warnings.warn(
                 f"The corpus only supports {backend.get_vocab_size()} BPE ids, fewer than vocab_size={vocab_size}; "

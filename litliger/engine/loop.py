@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class FitSetup:
     loss_fn: LossFn = next_token_loss
     count_targets: CountFn = next_token_count
     tokens_in: Callable[[Batch], int] = next_token_count
+    data_metrics: Callable[[], dict[str, float]] | None = None  # e.g. a mixture's tokens and epochs per source
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -92,6 +93,21 @@ def validate(
     Returns None when ``should_stop`` cut it short (single process only: with several ranks every rank
     must run the same forwards, so validation always completes there).
     """
+    sums = validation_sums(fabric, model, loader, max_iters, loss_fn, count_targets, should_stop)
+    return None if sums is None else (sums[0] / max(sums[1], 1.0))
+
+
+@torch.no_grad()
+def validation_sums(
+    fabric: L.Fabric,
+    model: nn.Module,
+    loader: Iterable,
+    max_iters: int,
+    loss_fn: LossFn = next_token_loss,
+    count_targets: CountFn = next_token_count,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[float, float] | None:
+    """(summed loss, target tokens) over up to ``max_iters`` batches of ``loader``, all ranks together."""
     model.eval()
     total = torch.zeros((), device=fabric.device, dtype=torch.float64)
     count = torch.zeros((), device=fabric.device, dtype=torch.float64)
@@ -110,7 +126,7 @@ def validate(
     if stopped:
         return None
     total, count = fabric.all_reduce(torch.stack([total, count]), reduce_op="sum").unbind()
-    return (total / count.clamp(min=1)).item()
+    return total.item(), count.item()
 
 
 def _clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -251,6 +267,8 @@ class _Run:
             **rates,
         }
         values.update(peak_memory(fabric.device))
+        if self.setup.data_metrics is not None:
+            values.update(self.setup.data_metrics())
         self.metrics.log(values, progress.step)
         self.bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
         self.loss_sum.zero_()
@@ -262,19 +280,24 @@ class _Run:
         if self.val_loader is None:
             return True
         fabric, setup, progress = self.fabric, self.setup, self.progress
-        val = validate(
-            fabric,
-            self.model,
-            self.val_loader,
-            self.eval.max_iters,
-            setup.loss_fn,
-            setup.count_targets,
-            lambda: self.signals.requested,
-        )
-        if val is None:
-            return False
-        self.metrics.log({"val_loss": val, "tokens": progress.tokens}, progress.step)
-        fabric.print(f"step {progress.step}: val_loss {val:.4f}")
+        # one loader, or one per source of a mixture: val_loss/<name> each, and val_loss over all their tokens
+        loaders = self.val_loader if isinstance(self.val_loader, Mapping) else {"": self.val_loader}
+        values: dict[str, float] = {}
+        total = count = 0.0
+        for name, loader in loaders.items():
+            sums = validation_sums(
+                fabric, self.model, loader, self.eval.max_iters, setup.loss_fn, setup.count_targets,
+                lambda: self.signals.requested,
+            )  # fmt: skip
+            if sums is None:
+                return False
+            if name:
+                values[f"val_loss/{name}"] = sums[0] / max(sums[1], 1.0)
+            total, count = total + sums[0], count + sums[1]
+        val = total / max(count, 1.0)
+        self.metrics.log({"val_loss": val, **values, "tokens": progress.tokens}, progress.step)
+        per_source = "".join(f", {k} {v:.4f}" for k, v in values.items())
+        fabric.print(f"step {progress.step}: val_loss {val:.4f}{per_source}")
         return True
 
     def maybe_validate(self) -> None:

@@ -76,7 +76,14 @@ def main(
     if loader is None:
         raise _no_val_split(data)
     start = time.perf_counter()
-    sums = split_loss(model, loader, device=device, max_batches=max_batches)
+    per_source: dict[str, dict] = {}
+    if isinstance(loader, dict):  # a Mixture: one validation loader per source
+        for name, source_loader in loader.items():
+            part = split_loss(model, source_loader, device=device, max_batches=max_batches)
+            per_source[name] = {**part, "loss": part["loss_sum"] / max(part["tokens"], 1)}
+        sums = {k: sum(p[k] for p in per_source.values()) for k in ("loss_sum", "tokens", "batches")}
+    else:
+        sums = split_loss(model, loader, device=device, max_batches=max_batches)
     if sums["tokens"] == 0:
         raise ValueError(
             f"the validation split of {type(data).__name__} has no target tokens, in --data; give more data"
@@ -94,6 +101,8 @@ def main(
         "perplexity": math.exp(loss) if loss < 700 else math.inf,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if per_source:
+        result["sources"] = {n: {"loss": p["loss"], "tokens": p["tokens"]} for n, p in per_source.items()}
     text = json.dumps(result, indent=2)
     print(text)
     if out_file is not None:

@@ -35,7 +35,7 @@ def resolve_tokenizer(
         tokenizer = Tokenizer.from_dir(source)
     else:
         with fabric.rank_zero_first(local=False):
-            tokenizer = Tokenizer.train_bpe(data.training_files(), vocab_size=config.vocab_size)
+            tokenizer = data.train_tokenizer(config.vocab_size)
     if tokenizer.vocab_size > config.padded_vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model {config.name!r} has only "
@@ -69,6 +69,9 @@ def data_loaders(
     """Connect, prepare (each node's local rank 0 first) and set up ``data``; the training loader positioned
     at ``loader_state`` (a resume) and the validation loader (or None).
 
+    With ``data.reset`` (``--data.reset true``) a resume keeps the model, optimizer and counters but starts
+    the data from its beginning: a new phase with a new mixture.
+
     Preparing once per node serves a data cache on a node-local disk as well as one on a shared
     filesystem (there the first node publishes the cache entry and the others find it, or build the same
     entry and keep the first: entries are content-addressed and published atomically).
@@ -78,7 +81,9 @@ def data_loaders(
         data.prepare_data()
     data.setup()
     train_loader = data.train_dataloader()
-    if loader_state is not None:
+    if loader_state is not None and data.reset:
+        fabric.print("data.reset: the data starts from its beginning (the checkpoint's data position is not used)")
+    elif loader_state is not None:
         train_loader.load_state_dict(loader_state)
     return train_loader, data.val_dataloader()
 

@@ -209,6 +209,7 @@ def main(
                 write_files=write_files,
                 signals=signals,
                 resumed_from=resume_dir,
+                data_metrics=getattr(train_loader, "metrics", None),  # a Mixture's tokens and epochs per source
             ),
             progress=progress,
         )
