@@ -10,6 +10,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -39,9 +40,11 @@ def _commands() -> dict[str, Callable]:
     from .eval.evaluate import main as evaluate
     from .inference.chat import main as chat
     from .inference.generate import main as generate
+    from .model.config import list_models
     from .recipes.finetune import setup as finetune
     from .recipes.prepare import main as prepare
     from .recipes.pretrain import setup as pretrain
+    from .tools.plot import main as plot
 
     return {
         "pretrain": pretrain,
@@ -54,6 +57,8 @@ def _commands() -> dict[str, Callable]:
         "chat": chat,
         "evaluate": evaluate,
         "upgrade_checkpoint": upgrade_checkpoint,
+        "models": list_models,
+        "plot": plot,
     }
 
 
@@ -83,7 +88,7 @@ def show_field_docs() -> None:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = join_list_positional(sys.argv[1:] if argv is None else list(argv))
     show_field_docs()
     debug = bool(os.environ.get("LITLIGER_DEBUG"))
     errors = _user_errors()
@@ -109,6 +114,30 @@ def main(argv: list[str] | None = None) -> None:
         if debug or not (isinstance(e, errors) or type(e) is Exception):
             raise
         _fail(error_line(e), USER_ERROR_EXIT)
+
+
+# Commands whose positional is a list of paths (`litliger plot A B`): jsonargparse reads a list positional as one
+# JSON list, so their positional words are given to it as one.
+LIST_POSITIONALS = ("plot",)
+
+
+def join_list_positional(argv: list[str]) -> list[str]:
+    """``plot A B --x tokens`` -> ``plot '["A", "B"]' --x tokens`` (one word that is a JSON list stays as it is)."""
+    if not argv or argv[0] not in LIST_POSITIONALS:
+        return argv
+    words, flags, i = [], [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and arg != "-":
+            takes_value = "=" not in arg and arg not in ("-h", "--help") and i + 1 < len(argv)
+            flags.extend(argv[i : i + 2] if takes_value else [arg])
+            i += 2 if takes_value else 1
+        else:
+            words.append(arg)
+            i += 1
+    if not words or (len(words) == 1 and words[0].lstrip().startswith("[")):
+        return argv
+    return [argv[0], json.dumps(words), *flags]
 
 
 def close_process_group() -> None:
@@ -173,6 +202,14 @@ FILE_CHECKS: dict[str, Callable[[Path], None]] = {"--model_config": _read_model_
 def check_config_files(argv: list[str]) -> None:
     """Read every YAML file named on the command line (``--config``, ``--model_config`` ...) before
     jsonargparse does, so that a broken one is reported in one line naming the file and the flag."""
+    for arg in argv if argv[:1] == ["pretrain"] else ():
+        if arg.startswith("--model_config."):  # jsonargparse would build the rest of the Config from its defaults
+            flag = arg.split("=", 1)[0]
+            raise ValueError(
+                f"{flag} changes a field of Config's defaults (a LayerNorm/GELU model with block_size 4096), in "
+                f"{flag}; name a base config and change its fields: --model_name debug-llama "
+                f"--model.{flag.removeprefix('--model_config.')} VALUE (`litliger models` lists the names)"
+            )
     for flag, value in flag_values(argv):
         path = Path(value)
         if path.suffix not in (".yaml", ".yml") or not path.is_file():

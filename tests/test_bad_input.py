@@ -116,7 +116,12 @@ ROWS = [
     flag("tokenizer_dir", "{missing}", r"^tokenizer_dir .*/missing holds no tokenizer\.json, in --tokenizer_dir; name a folder", base=FRESH),
     pytest.param([*RESUME, "{missing}"], r"^--resume .*/missing: no such checkpoint folder; name a step-XXXXXXXX/ or final/ folder", 1, id="resume=missing"),
     pytest.param([*RESUME, "{ckpt}"], r"/ckpt is not a training checkpoint: training_state/state\.json is missing \(to start from a model checkpoint without its training state, use --initial_checkpoint_dir\)$", 1, id="resume=model-folder"),
-    pytest.param([*PRETRAIN, "--model_config", "{tiny_yaml}"], r"^give either model_name or model_config, not both$", 1, id="model_config=and-model_name"),
+    pytest.param([*PRETRAIN, "--model_config", "{tiny_yaml}"], r"^give either model_name or model_config, not both; to change fields of a named config, use --model\.FIELD ", 1, id="model_config=and-model_name"),
+    pytest.param([*PRETRAIN, "--model.n_layr", "2"], r"^unknown model field n_layr, in --model; did you mean n_layer\? the fields are name, hf_config, ", 1, id="model=n_layr"),
+    pytest.param([*PRETRAIN, "--model.n_layer", "0"], r"^Config 'debug-llama': n_layer=0 must be an integer >= 1, in --model\.n_layer; ", 1, id="model=n_layer-0"),
+    pytest.param(["pretrain", "--model.n_layer", "2", "--out_dir", "{out}"], r"^--model\.\* changes fields of a named config but none is named, in --model\.n_layer; add --model_name NAME", 1, id="model=no-model_name"),
+    pytest.param(["pretrain", "--model_config.n_layer", "2", "--out_dir", "{out}"], r"^--model_config\.n_layer changes a field of Config's defaults \(.*\), in --model_config\.n_layer; name a base config and change its fields: --model_name debug-llama --model\.n_layer VALUE", 1, id="model_config.n_layer=2"),
+    pytest.param(["models", "--name", "nope"], r"^no model name contains 'nope', in --name; run `litliger models`", 1, id="name=nope"),
     pytest.param(
         ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}"],
         r"^how long to train is not set, in --train\.max_steps / --train\.max_tokens; ",
@@ -167,11 +172,11 @@ ROWS = [
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger merge_lora --help`$", USAGE, base=["merge_lora", "{ckpt}", "{out}"]),
     pytest.param(["convert_from_hf", "{missing}", "{out}"], r"/missing is not a Hugging Face model folder: config\.json is missing$", 1, id="hf_dir=missing"),
     pytest.param(["convert_from_hf", "{missing}", "{tokenizer_dir}"], r"^output folder .*/tokenizer is not empty \(.*\); choose an empty or new folder, or pass --overwrite true", 1, id="out_dir=not-empty"),
-    flag("dtype", "bfloat16", r"^got bfloat16, expected an import path \(module\.name\), in --dtype; see `litliger convert_from_hf --help`$", USAGE, base=["convert_from_hf", "{missing}", "{out}"]),
+    flag("dtype", "int8", r"^got int8, not a floating-point dtype, in --dtype; use one of bfloat16, float16, float32 \(or torch\.<name> of another floating-point dtype\)$", 1, base=["convert_from_hf", "{missing}", "{out}"]),
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_from_hf --help`$", USAGE, base=["convert_from_hf", "{missing}", "{out}"]),
     pytest.param(["convert_to_hf", "{missing}", "{out}"], r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, id="checkpoint_dir=missing"),
     pytest.param(["convert_to_hf", "{ckpt}", "{ckpt}"], r"^output folder .*/ckpt is the input folder; choose another folder$", 1, id="out_dir=input"),
-    flag("dtype", "torch.nope", r"^torch\.nope: module 'torch' has no attribute 'nope', in --dtype; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    flag("dtype", "torch.nope", r"^got torch\.nope, not a floating-point dtype, in --dtype; use one of bfloat16, float16, float32 \(or torch\.<name> of another floating-point dtype\)$", 1, base=["convert_to_hf", "{ckpt}", "{out}"]),
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
     pytest.param(["upgrade_checkpoint", "{ckpt}"], r"/ckpt holds no training state of an earlier litliger \(training_state/rank00000\.pt\), in upgrade_checkpoint; nothing to convert$", 1, id="checkpoint_dir=not-legacy"),
     # generate: sampling arguments (checked before the checkpoint is read)
@@ -230,6 +235,12 @@ ROWS = [
     pytest.param([*EVALUATE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{corpus}", "--data.val_split_fraction", "0"], r"^TextFiles has no validation split, in --data; set --data\.val_split_fraction above 0$", 1, id="data=no-val-split"),
     pytest.param(["evaluate", "{no_tokenizer}"], r"^No tokenizer\.json in .*/no_tokenizer: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="checkpoint_dir=no-tokenizer"),
     # resume: a training checkpoint with a corrupt training state names the file
+    # plot
+    pytest.param(["plot", "{missing}"], r"/missing does not exist, in OUT_DIRS; give the out_dir of a training run", 1, id="out_dirs=missing"),
+    pytest.param(["plot", "{corpus}"], r"/corpus holds no metrics\.jsonl, in OUT_DIRS; give the out_dir of a training run", 1, id="out_dirs=no-metrics"),
+    pytest.param(["plot", "{corpus}", "--smooth", "1.5"], must("smooth", r"1\.5", r"in \[0\.0, 1\.0\)"), 1, id="smooth=1.5"),
+    pytest.param(["plot", "{corpus}", "--x", "epochs"], r"^got epochs, expected one of 'steps', 'tokens', in --x; ", USAGE, id="x=epochs"),
+    pytest.param(["plot", "{corpus}", "--out_file", "{corpus}"], r"/corpus is a folder, in --out_file; give the path of the PNG file to write$", 1, id="out_file=folder"),
     pytest.param([*RESUME, "{corrupt_state}"], r"/corrupt_state/training_state/state\.json is corrupt \(.*\); resume from another", 1, id="corrupt-state.json"),
     pytest.param([*RESUME, "{corrupt_rank_state}"], r"/corrupt_rank_state/training_state/rank0+\.json has \d+ bytes but was written with \d+: the file is corrupt or incomplete", 1, id="corrupt-rank-state"),
 ]  # fmt: skip

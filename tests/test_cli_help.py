@@ -20,6 +20,7 @@ SHOWN = {
         ("--optimizer.lr LR", "the peak learning rate"),
         ("--sample.top_p TOP_P", "nucleus sampling"),
         ("--devices DEVICES", "processes (GPUs, or CPU processes) per node"),
+        ("--model MODEL", "``--model.FIELD VALUE``: change fields of the"),
     ],
     "finetune": [
         ("--lora.r R", "rank of every adapter"),
@@ -36,6 +37,8 @@ SHOWN = {
     "chat": [("--max_seq_length MAX_SEQ_LENGTH", "the KV cache's length")],
     "evaluate": [("--batch_size BATCH_SIZE", "sequences per forward")],
     "upgrade_checkpoint": [("checkpoint_dir", "a step-XXXXXXXX/ or final/ folder")],
+    "plot": [("--x {steps,tokens}", "the x axis"), ("--smooth SMOOTH", "weight of the past")],
+    "models": [("--name NAME", "show only the configs whose name contains")],
 }
 
 

@@ -299,8 +299,8 @@ def test_errors_name_the_problem(tok: Tokenizer, tmp_path: Path) -> None:
     (tmp_path / "bad" / "b.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match=r"No text in .*bad.*empty or not UTF-8"):
         TextFiles(tmp_path / "bad").training_files()
-    with pytest.raises(ValueError, match=r"val_split_fraction must be in \[0, 1\)"):
-        TextFiles(tmp_path, val_split_fraction=1.0)
+    with pytest.raises(ValueError, match=r"val_split_fraction must be in \[0, 1\]"):
+        TextFiles(tmp_path, val_split_fraction=1.5)  # 1.0 is allowed: all validation (for evaluate)
     with pytest.raises(RuntimeError, match=r"connect\(tokenizer"):
         TextFiles(tmp_path / "empty", glob="*.md").prepare_data()
 

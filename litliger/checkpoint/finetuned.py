@@ -3,7 +3,8 @@
     step-XXXXXXXX/  trainable.safetensors   exactly the trainable set (LoRA tensors + parameters selected by name)
                     finetune.yaml           method, LoRA settings, trainable names, base folder + digest, prompt style
                     model_config.yaml, tokenizer files (+ training_state/ when written by a run)
-    final/          the same, plus model.safetensors: the merged model, a complete checkpoint folder
+    final/          the same, plus model.safetensors: the merged model, a complete checkpoint folder (a full
+                    finetune's final/ holds model.safetensors alone: it is every trained tensor, stored once)
 
 The frozen base is never stored again: a step folder is loaded as base (verified by the digest of its tensors) + the
 trainable tensors. Any parameter can be trained by its full name, also a bare ``nn.Parameter`` attribute
@@ -32,6 +33,7 @@ from .io import (
     read_config,
     read_finetune_meta,
     save_checkpoint,
+    stored_dtype,
     write_model_files,
 )
 from .layout import FINETUNE_FILE, MODEL_FILE, TRAINABLE_FILE
@@ -70,8 +72,12 @@ def check_same_finetune(saved: dict[str, Any], current: dict[str, Any], where: P
     removed = sorted(set(saved["trainable"]) - set(current["trainable"]))
     if added or removed:
         diffs.append(f"trainable set (+{added[:3]} -{removed[:3]})")
-    if saved["base"].get("tensors_sha256") != current["base"]["tensors_sha256"]:
-        diffs.append(f"base weights ({saved['base']['checkpoint_dir']} -> {current['base']['checkpoint_dir']})")
+    recorded, found = saved["base"].get("tensors_sha256"), current["base"]["tensors_sha256"]
+    if recorded != found:
+        old_dir, new_dir = saved["base"]["checkpoint_dir"], current["base"]["checkpoint_dir"]
+        where_base = new_dir if old_dir == new_dir else f"{old_dir} -> {new_dir}"
+        recorded = f"{recorded[:12]}..." if recorded else "a file sha256 only"
+        diffs.append(f"base weights in {where_base} (tensor digest recorded {recorded}, found {found[:12]}...)")
     if diffs:
         raise ValueError(
             f"checkpoint {where} is of another finetune: {'; '.join(diffs)}; resume with the settings in "
@@ -83,22 +89,38 @@ def write_finetune_files(
     folder: Path, tensors: dict[str, torch.Tensor], *, meta: dict[str, Any], config: Config, final: bool
 ) -> list[str]:
     """Write a finetuning checkpoint's files into ``folder``; returns their names. ``tensors`` holds at least
-    the trainable set; for ``final`` every parameter, and the merged model is written beside them."""
+    the trainable set; for ``final`` every parameter, and the merged model is written beside them.
+
+    The weights are stored once: when the merged model holds every trained tensor as trained (a full
+    finetune: nothing to merge), final/ has model.safetensors alone and a resume reads the trained tensors from
+    it (:func:`trained_tensors_file`)."""
     base = Path(meta["base"]["checkpoint_dir"])
-    trainable = {name: tensors[name].detach().to("cpu").contiguous() for name in meta["trainable"]}
-    save_tensors(folder / TRAINABLE_FILE, trainable, metadata={"format": "pt", "litliger": "1"})
-    (folder / FINETUNE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-    files = [TRAINABLE_FILE, FINETUNE_FILE]
+    merged = None
     if final:
         merged = tensors
         if meta["lora"] is not None:
             merged = merge_lora_state_dict(dict(tensors), LoRAArgs(**meta["lora"]).scale)
+    files = [FINETUNE_FILE]
+    if merged is None or not set(meta["trainable"]) <= set(merged):
+        trainable = {name: tensors[name].detach().to("cpu").contiguous() for name in meta["trainable"]}
+        save_tensors(folder / TRAINABLE_FILE, trainable, metadata={"format": "pt", "litliger": "1"})
+        files.insert(0, TRAINABLE_FILE)
+    (folder / FINETUNE_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    if merged is not None:
         write_model_files(folder, merged, config)
         files.append(MODEL_FILE)
     else:
         config.save(folder / "model_config.yaml")
     copy_tokenizer_files(base, folder)
     return files
+
+
+def trained_tensors_file(folder: str | Path) -> Path:
+    """The file of a finetuning checkpoint that holds its trained tensors: trainable.safetensors, or the
+    model.safetensors of a full finetune's final/ (which stores the weights once)."""
+    folder = Path(folder)
+    trainable = folder / TRAINABLE_FILE
+    return trainable if trainable.is_file() or not (folder / MODEL_FILE).is_file() else folder / MODEL_FILE
 
 
 def is_finetune_checkpoint(folder: str | Path) -> bool:
@@ -116,6 +138,8 @@ def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype
     base = check_base(meta, folder)
     config = read_config(folder)
     lora = LoRAArgs(**meta["lora"]) if meta["lora"] is not None else None
+    if dtype is None:  # the stored dtype, as load_model: the base's and the trained tensors' when they agree
+        dtype = stored_dtype(base / MODEL_FILE, trained_tensors_file(folder))
     with torch.device("meta"):
         model = GPT(config)
         if lora is not None:
@@ -130,7 +154,7 @@ def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype
         raise ValueError(f"{folder / FINETUNE_FILE} names trainable tensors the model lacks: {unknown[:5]}")
     base_names = base_parameter_names(model)
     load_tensors(model, base / MODEL_FILE, expected=base_names, copy=base_names - trainable)
-    load_tensors(model, folder / TRAINABLE_FILE, expected=trainable)
+    load_tensors(model, trained_tensors_file(folder), expected=trainable)
     return model
 
 

@@ -65,6 +65,23 @@ def _open_weights(path: Path) -> Iterator:
         yield f
 
 
+# safetensors' names of the floating-point dtypes a checkpoint may store
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(*paths: Path) -> torch.dtype | None:
+    """The one floating-point dtype of every tensor in the safetensors files ``paths``, or None when they mix
+    dtypes (then the model's default, fp32, holds each of them without loss)."""
+    found = set()
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent} is not a litliger checkpoint folder: {path.name} is missing")
+        with _open_weights(path) as f:
+            found |= {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (not a dict)
+    floats = {_FLOAT_DTYPES.get(name) for name in found if name.startswith(("F", "BF"))}
+    return floats.pop() if len(floats) == 1 and None not in floats else None
+
+
 def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` on the CPU, after the folder's files are verified."""
     verify_checksums(Path(checkpoint_dir), training_state=False)

@@ -6,6 +6,7 @@
     checksums.json         CHECKSUMS_FILE   size and sha256 of every other file (checkpoint/checksums.py)
     trainable.safetensors  TRAINABLE_FILE   a finetuning step: only the tensors that were trained
     finetune.yaml          FINETUNE_FILE    ... and what they sit on: method, LoRA settings, base folder + digest
+    run.yaml               RUN_FILE         a training run's data module and validation settings (litliger evaluate)
     training_state/        TRAINING_STATE_DIR (= STATE_DIR)   state.json + per-rank JSON + safetensors
 
 A training run's out_dir holds ``step-XXXXXXXX/`` (``step_dir``), ``final/`` (``FINAL_DIR``), the run lock
@@ -24,6 +25,7 @@ TRAINABLE_FILE = "trainable.safetensors"  # a finetuning checkpoint: only the te
 FINETUNE_FILE = "finetune.yaml"  # ... and what they sit on: method, LoRA settings, base folder + digest
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 CHECKSUMS_FILE = "checksums.json"
+RUN_FILE = "run.yaml"  # data only: the run's data module (class path + init args) and validation settings
 
 LOCK_FILE = ".litliger-lock"
 # What marks a folder as a training run's out_dir (engine/training_state.py writes these), or as one of its

@@ -17,15 +17,19 @@ from ..model.gpt import GPT
 from ..nn.init import init_weights
 from .checksums import verify_checksums
 from .finetuned import is_finetune_checkpoint, load_finetuned
-from .io import load_model_weights, read_config
+from .io import load_model_weights, read_config, stored_dtype
+from .layout import MODEL_FILE
 
 
 def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """The model of ``checkpoint_dir`` on ``device`` (in ``dtype`` when given), in train mode like ``GPT()``."""
+    """The model of ``checkpoint_dir`` on ``device``, in train mode like ``GPT()``: in ``dtype`` when given, else
+    in the dtype its weights are stored in (a bf16 folder loads as bf16; one that mixes dtypes loads as fp32)."""
     if is_finetune_checkpoint(checkpoint_dir):
         return load_finetuned(checkpoint_dir, device=device, dtype=dtype)
     verify_checksums(Path(checkpoint_dir), training_state=False)
     config = read_config(checkpoint_dir)
+    if dtype is None:
+        dtype = stored_dtype(Path(checkpoint_dir) / MODEL_FILE)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -17,16 +18,44 @@ from .hf_files import HFWeights
 from .weight_maps import FamilyMap, family_map, listing, model_shapes
 
 GENERATION_CONFIG = "generation_config.json"
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # what --dtype takes (also any floating torch.<name>)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``--dtype`` as a torch dtype: a floating ``torch.dtype``, or its name, plain (``bfloat16``) or as an
+    import path (``torch.bfloat16``); None keeps the stored dtypes. Anything else is a one-line ValueError."""
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if dtype is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(
+        f"got {dtype}, not a floating-point dtype, in --dtype; use one of {', '.join(DTYPE_NAMES)} "
+        "(or torch.<name> of another floating-point dtype)"
+    )
+
+
+def written(tensors: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """The one line a conversion prints on success: how many tensors, their main dtype, and where."""
+    print(f"wrote {len(tensors)} tensors ({main_dtype(tensors)}) to {folder}")
+
+
+def main_dtype(tensors: dict[str, torch.Tensor]) -> str:
+    """The floating dtype holding most of the elements, as config.json spells it ("bfloat16")."""
+    counts = Counter({t.dtype: 0 for t in tensors.values() if t.is_floating_point()})
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    return str(counts.most_common(1)[0][0]).removeprefix("torch.")
 
 
 def convert_from_hf(
-    hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+    hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None, *, overwrite: bool = False
 ) -> Path:
     """Convert the Hugging Face model in ``hf_dir`` into the litliger checkpoint folder ``out_dir``.
 
     Reads config.json and the weights (safetensors or .bin, sharded or not), maps every weight through the
     family's explicit map, and writes ``out_dir`` atomically: on any error nothing is left behind and an
-    existing ``out_dir`` is untouched. Tensors keep their stored dtype unless ``dtype`` is given.
+    existing ``out_dir`` is untouched. Tensors keep their stored dtype unless ``dtype`` is given. Prints one
+    line on success: ``wrote <n> tensors (<dtype>) to <out_dir>``.
     Publishing replaces ``out_dir`` whole, so a non-empty one is refused unless ``overwrite``, and the input,
     a folder around or inside it, or a training run's folder is refused always (see ``check_output_dir``).
     Raises ``ValueError`` naming any missing, unknown or mis-shaped weight, and any config.json setting the
@@ -35,9 +64,11 @@ def convert_from_hf(
     Args:
         hf_dir: a Hugging Face model folder: config.json, the weights (safetensors or .bin) and tokenizer files.
         out_dir: the litliger checkpoint folder to write (a new or empty one, else ``--overwrite true``).
-        dtype: cast floating-point tensors to this torch dtype, e.g. ``torch.bfloat16`` (default: keep them).
+        dtype: cast floating-point tensors to this dtype: bfloat16, float16 or float32 (a torch.dtype, or
+            torch.<name>, also works); default: keep them.
         overwrite: replace a non-empty ``out_dir`` (never the input, a folder around or inside it, or a run).
     """
+    dtype = resolve_dtype(dtype)
     hf_dir = Path(hf_dir)
     check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)
     hf = read_hf_config(hf_dir)
@@ -49,6 +80,7 @@ def convert_from_hf(
     with atomic_dir(out_dir) as tmp:
         write_model_files(tmp, state_dict, config, save_tokenizer=lambda folder: _copy_tokenizer(hf_dir, folder, hf))
         check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)  # again: it may have changed meanwhile
+    written(state_dict, out_dir)
     return Path(out_dir)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,9 @@ import torch
 from ..checkpoint.io import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
 from ..checkpoint.safety import check_output_dir
 from ..checkpoint.tensor_files import save_tensors
+from ..data.tokenizer import Tokenizer
 from ..model.config import Config
-from .from_hf import GENERATION_CONFIG
+from .from_hf import GENERATION_CONFIG, main_dtype, resolve_dtype, written
 from .hf_config import config_to_hf
 from .weight_maps import family_map, listing, model_shapes
 
@@ -22,13 +21,15 @@ HF_WEIGHTS = "model.safetensors"
 
 
 def convert_to_hf(
-    checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+    checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None, *, overwrite: bool = False
 ) -> Path:
     """Convert the litliger checkpoint folder ``checkpoint_dir`` into a Hugging Face folder ``out_dir``.
 
-    ``out_dir`` gets config.json (architectures, model_type, dtype) and model.safetensors that
-    ``transformers.AutoModelForCausalLM.from_pretrained`` loads, plus the tokenizer files and
-    generation_config.json when the checkpoint has them. Written atomically; publishing replaces ``out_dir``
+    ``out_dir`` gets config.json (architectures, model_type, dtype, bos/eos/pad token ids) and model.safetensors
+    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, the tokenizer files, and a
+    generation_config.json with the bos/eos/pad ids (see ``token_ids``), so that transformers' ``generate``
+    stops where litliger's does. Prints one line on success: ``wrote <n> tensors (<dtype>) to <out_dir>``.
+    Written atomically; publishing replaces ``out_dir``
     whole, so a non-empty one is refused unless ``overwrite``, and the checkpoint, its run folder (or any
     folder around or inside it) or another training run's folder is refused always (``check_output_dir``).
     Raises ``ValueError`` when no Hugging Face family can express the Config (naming the field) or the
@@ -37,25 +38,31 @@ def convert_to_hf(
     Args:
         checkpoint_dir: a litliger checkpoint folder (model.safetensors, model_config.yaml, tokenizer files).
         out_dir: the Hugging Face folder to write (a new or empty one, else ``--overwrite true``).
-        dtype: cast floating-point tensors to this torch dtype, e.g. ``torch.bfloat16`` (default: keep them).
+        dtype: cast floating-point tensors to this dtype: bfloat16, float16 or float32 (a torch.dtype, or
+            torch.<name>, also works); default: keep them.
         overwrite: replace a non-empty ``out_dir`` (never the checkpoint, a folder around or inside it, or a run).
     """
+    dtype = resolve_dtype(dtype)
     checkpoint_dir = Path(checkpoint_dir)
     check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)
     config = read_config(checkpoint_dir)
     hf = config_to_hf(config)
     tensors = state_dict_to_hf(load_state_dict(checkpoint_dir), config, hf["model_type"], dtype)
     # transformers 5 reads "dtype"; transformers 4 read "torch_dtype"
-    hf["dtype"] = hf["torch_dtype"] = _main_dtype(tensors)
-    hf.update(_token_ids(checkpoint_dir))
+    hf["dtype"] = hf["torch_dtype"] = main_dtype(tensors)
+    generation = _read_json(checkpoint_dir / GENERATION_CONFIG)
+    ids = token_ids(checkpoint_dir, generation)
+    hf.update(ids)
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / HF_WEIGHTS, tensors, metadata={"format": "pt"})
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(hf, f, indent=2)
         copy_tokenizer_files(checkpoint_dir, tmp)
-        if (checkpoint_dir / GENERATION_CONFIG).is_file():
-            shutil.copy2(checkpoint_dir / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+        if generation or ids:  # the checkpoint's generation settings, with the ids transformers stops at
+            with open(tmp / GENERATION_CONFIG, "w", encoding="utf-8") as f:
+                json.dump({**generation, **ids}, f, indent=2)
         check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)  # again: it may have changed meanwhile
+    written(tensors, out_dir)
     return Path(out_dir)
 
 
@@ -91,20 +98,51 @@ def state_dict_to_hf(
     return out
 
 
-def _main_dtype(tensors: dict[str, torch.Tensor]) -> str:
-    """The floating dtype holding most of the elements, as config.json spells it ("bfloat16")."""
-    counts = Counter({t.dtype: 0 for t in tensors.values() if t.is_floating_point()})
-    for t in tensors.values():
-        if t.is_floating_point():
-            counts[t.dtype] += t.numel()
-    return str(counts.most_common(1)[0][0]).removeprefix("torch.")
+def token_ids(checkpoint_dir: Path, generation: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json and generation_config.json (else transformers assumes its defaults,
+    e.g. Llama's eos 2, and never stops at the tokenizer's EOS).
+
+    The ids of the checkpoint's ``generation`` config (a converted model keeps e.g. its list of EOS ids) are
+    kept; the rest come from its tokenizer (``Tokenizer.from_dir``: the ids litliger decodes with). The
+    tokenizer's EOS is always among the EOS ids, since litliger stops there; pad is the tokenizer's pad token,
+    else EOS (the first one).
+    """
+    ids = {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if generation.get(k) is not None}
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_dir(checkpoint_dir)
+        eos = ids.get("eos_token_id")
+        if eos is None:
+            ids["eos_token_id"] = tokenizer.eos_id
+        elif tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
+            ids["eos_token_id"] = [tokenizer.eos_id, *(eos if isinstance(eos, list) else [eos])]
+        if "bos_token_id" not in ids and tokenizer.bos_id is not None:
+            ids["bos_token_id"] = tokenizer.bos_id
+        if "pad_token_id" not in ids:
+            pad = _pad_token(checkpoint_dir)
+            pad_id = tokenizer.backend.token_to_id(pad) if pad is not None else None
+            if pad_id is not None:
+                ids["pad_token_id"] = pad_id
+    eos = ids.get("eos_token_id")
+    if "pad_token_id" not in ids and eos is not None and eos != []:
+        ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids}
 
 
-def _token_ids(checkpoint_dir: Path) -> dict[str, Any]:
-    """bos/eos/pad ids of the checkpoint's generation_config.json (config.json carries them too)."""
-    path = checkpoint_dir / GENERATION_CONFIG
+def _pad_token(checkpoint_dir: Path) -> str | None:
+    """The pad token named in tokenizer_config.json (a string or an AddedToken dict), if any."""
+    pad = _read_json(checkpoint_dir / "tokenizer_config.json").get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return pad if isinstance(pad, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} when absent); anything else is a ValueError that names the file."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        generation = json.load(f)
-    return {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"invalid JSON ({e}), in {path}; fix or replace the file") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"not a JSON object, in {path}; fix or replace the file")
+    return values

@@ -13,23 +13,34 @@ until the next epoch; with any `num_workers` until the first batch). A second re
 epoch, or a save right after a resume, then replays the wrong epoch's shuffle (litdata 0.2.76). An
 end-of-epoch state is read as "next epoch, 0 batches", so no partial-epoch bookkeeping crosses an epoch
 boundary.
+
+Validation reads the same batches at any world size. A validation loader yields the whole split, in the same
+order, on every rank (litdata would split it between ranks); `rank_share` takes the first `max_batches` of
+those batches, all ranks together, and gives batch i to rank i % world_size. The batches evaluated, and so
+the loss, are then those of one process, whatever the world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import itertools
 import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 from litdata.streaming.resolver import Dir
+from litdata.utilities.env import _DistributedEnv
 
+from litliger.checkpoint.layout import RUN_FILE
 from litliger.data.tokenizer import Tokenizer
 
 _STATE_VERSION = 1
@@ -62,7 +73,8 @@ class DataModule(ABC):
         """A new loader over the training set, yielding LongTensor batches (batch_size, max_seq_length + 1)."""
 
     def val_dataloader(self) -> StreamingDataLoader | None:
-        """A new loader over the validation set, or None when there is none."""
+        """A new loader over the whole validation set, the same batches in the same order on every rank (not
+        split between ranks: see `rank_share`), or None when there is none."""
         return None
 
     @abstractmethod
@@ -72,6 +84,93 @@ class DataModule(ABC):
     def train_tokenizer(self, vocab_size: int) -> Tokenizer:
         """The tokenizer a run uses when none is given: a byte-level BPE trained on this data (cached)."""
         return Tokenizer.train_bpe(self.training_files(), vocab_size=vocab_size)
+
+
+# --- the run record: what a checkpoint says about the data it was validated on (RUN_FILE) -------------------
+
+
+def run_record(data: DataModule, *, max_seq_length: int, batch_size: int, max_batches: int) -> dict[str, Any]:
+    """What ``run.yaml`` holds (plain YAML data): the data module as a config file names it (``class_path`` +
+    ``init_args``: its dataclass fields) and the validation settings, as ``litliger evaluate``'s flags.
+
+    ``litliger evaluate`` on the checkpoint then evaluates the batches the run's validation did: the first
+    ``max_batches`` batches of ``batch_size`` sequences of ``max_seq_length`` tokens.
+    """
+    cls = type(data)
+    import litliger.data as package  # the public name when there is one, as configs write it
+
+    public = getattr(package, cls.__name__, None) is cls
+    fields = dataclasses.fields(data) if dataclasses.is_dataclass(data) else ()
+    return {
+        "data": {
+            "class_path": f"litliger.data.{cls.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {f.name: _plain(getattr(data, f.name)) for f in fields if f.init},
+        },
+        "validation": {"max_seq_length": max_seq_length, "batch_size": batch_size, "max_batches": max_batches},
+    }
+
+
+def write_run_record(folder: Path, record: dict[str, Any]) -> str:
+    """Write ``record`` as ``folder/run.yaml`` (a checkpoint's checksums cover it); returns the file name."""
+    (Path(folder) / RUN_FILE).write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+    return RUN_FILE
+
+
+def read_run_record(folder: Path) -> dict[str, Any] | None:
+    """The ``run.yaml`` of a checkpoint folder, or None when it has none (written before it existed)."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return None
+    record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    validation = record.get("validation") if isinstance(record, dict) else None
+    keys = ("max_seq_length", "batch_size", "max_batches")
+    if (
+        not isinstance(validation, dict)
+        or not isinstance(record.get("data"), dict | None)
+        or not all(type(validation.get(k)) is int and validation[k] > 0 for k in keys)
+    ):
+        raise ValueError(
+            f"{path} is not a litliger run record, in CHECKPOINT_DIR; give --data, --max_seq_length, --batch_size "
+            "and --max_batches, or use a checkpoint written by litliger"
+        )
+    return record
+
+
+def data_from_record(record: dict[str, Any], where: Path) -> DataModule:
+    """The data module ``record`` (``{"class_path", "init_args"}``) names. A record is data, never code: only
+    a DataModule class of ``litliger.data`` is built, from plain YAML values; anything else is refused."""
+    class_path, init_args = record.get("class_path"), record.get("init_args") or {}
+    module_name, _, name = str(class_path).rpartition(".")
+    cls = None
+    if (module_name == "litliger.data" or module_name.startswith("litliger.data.")) and not name.startswith("_"):
+        try:
+            cls = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, DataModule)) or not isinstance(init_args, dict):
+        raise ValueError(
+            f"{where} names the data module {class_path!r}, in {RUN_FILE}; only litliger.data classes are rebuilt "
+            "from a checkpoint: give --data"
+        )
+    try:
+        return cls(**init_args)
+    except TypeError as e:
+        raise ValueError(f"{class_path} does not take the init_args of {where} ({e}); give --data") from e
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML data: paths as strings, tuples as lists, dataclasses (a Mixture's sources) as dicts."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def collate_tokens(items: list[np.ndarray]) -> torch.Tensor:
@@ -233,20 +332,38 @@ def total_samples(dataset: StreamingDataset, block: int) -> int:
 def token_val_loader(
     input_dir: str, *, block: int, batch_size: int, num_workers: int, what: str, **remote
 ) -> StreamingDataLoader:
-    """The validation loader over prepared shards (not shuffled)."""
+    """The validation loader over prepared shards (not shuffled): every sample, the last batch possibly smaller,
+    and the whole split on every rank (see `rank_share`)."""
     dataset = token_dataset(input_dir, block=block, shuffle=False, **remote)
     if total_samples(dataset, block) == 0:
         raise ValueError(
             f"The text of {what} is shorter than one sample of max_seq_length + 1 = {block} tokens: add validation "
             "text or lower max_seq_length."
         )
-    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
-    if len(loader) == 0:  # only possible with several ranks, where litdata drops the incomplete batches
-        raise ValueError(
-            f"{what} gives no full batch of {batch_size} per rank: add validation text or lower batch_size or "
-            "max_seq_length."
-        )
-    return loader
+    # litdata reads the distributed environment when the dataset is built and would give each rank a part
+    dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
+
+
+def rank_share(loader: Iterable, max_batches: int | None, rank: int, world_size: int) -> Iterator[tuple[Any, bool]]:
+    """This rank's share of the first ``max_batches`` (None: all) batches of a validation ``loader``, which
+    yields the whole split in the same order on every rank: ``(batch, True)`` for every batch i with
+    ``i % world_size == rank``.
+
+    Every rank yields ceil(n / world_size) pairs, n the batches taken, so that every rank runs the same number
+    of forwards (FSDP gathers weights inside each): a rank with one batch fewer ends with ``(a batch, False)``,
+    a filler whose loss the caller counts as zero.
+    """
+    taken = mine = 0
+    filler = None
+    for i, batch in enumerate(itertools.islice(loader, max_batches)):
+        taken += 1
+        filler = batch if filler is None else filler
+        if i % world_size == rank:
+            mine += 1
+            yield batch, True
+    for _ in range(-(-taken // world_size) - mine):
+        yield filler, False
 
 
 def infinite_batches(loader: StreamingDataLoader) -> Iterator[torch.Tensor]:

@@ -6,7 +6,8 @@ shards (``shards.py``) in the cache, and trains on blocks of ``max_seq_length + 
 resumable loader. ``TextFiles`` and ``PythonStdlib`` are the same machinery with every file read as one
 text document.
 
-Validation split (``val_split_fraction``, unless ``val_path`` names its own data; 0 means none):
+Validation split (``val_split_fraction``, unless ``val_path`` names its own data; 0 means none, 1 means
+everything: a held-out corpus for ``litliger evaluate``, which nothing can train on):
 
 - one-document-per-file formats hold out that share of the files (at least one), ranked by a hash of their
   relative names: deterministic, and stable when files are added. A single text file holds out its tail,
@@ -87,8 +88,8 @@ class TokenCorpus(DataModule):
     def _check(self) -> None:
         self._parts: list[Part] | None = None
         self._stats: dict[str, str] = {}
-        if not 0.0 <= self.val_split_fraction < 1.0:
-            raise ValueError(f"val_split_fraction must be in [0, 1), got {self.val_split_fraction}.")
+        if not 0.0 <= self.val_split_fraction <= 1.0:
+            raise ValueError(f"val_split_fraction must be in [0, 1], got {self.val_split_fraction}.")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}.")
         if self.num_proc is not None and self.num_proc < 1:
@@ -99,7 +100,17 @@ class TokenCorpus(DataModule):
     def training_files(self) -> list[Path]:
         return list(dict.fromkeys(p.path for p in self.parts() if p.split != "val" and p.fmt.kind == "text"))
 
+    def _require_training_split(self) -> None:
+        """Refuse to train on a corpus that is all validation (``val_split_fraction`` 1, no ``val_path``)."""
+        if self.val_split_fraction >= 1.0 and self._roots()[1] is None:
+            raise ValueError(
+                f"val_split_fraction=1.0 holds out all of {self._roots()[0][0]} for validation, so there is nothing "
+                "to train on, in --data.val_split_fraction; use a value below 1 to train (1.0 is for litliger "
+                "evaluate)"
+            )
+
     def train_tokenizer(self, vocab_size: int) -> Tokenizer:
+        self._require_training_split()
         if all(p.fmt.kind == "text" and p.fmt.compression is None for p in self.parts()):
             return super().train_tokenizer(vocab_size)
         return Tokenizer.train_bpe([], vocab_size, texts=self.tokenizer_texts, identity=json_digest(self._key_parts()))
@@ -157,6 +168,7 @@ class TokenCorpus(DataModule):
         }
 
     def train_dataloader(self) -> ResumableLoader:
+        self._require_training_split()
         entry = self.entry()
         return token_train_loader(
             str(entry / "train"), block=self.max_seq_length + 1, batch_size=self.batch_size, seed=self.seed,
@@ -200,6 +212,8 @@ class TokenCorpus(DataModule):
     def _split(self, files: list[tuple[Path, str, FileFormat]]) -> list[tuple]:
         texts = [x for x in files if x[2].kind == "text"]
         records = [(*x, "records") for x in files if x[2].kind != "text"]
+        if self.val_split_fraction >= 1.0:  # all validation: every file, and every record (is_val_record)
+            return [(*x, "val") for x in texts] + records
         if len(files) == 1 and texts:
             (f, name, fmt) = texts[0]
             cut = _line_cut(f, self.val_split_fraction)
@@ -304,7 +318,7 @@ class TokenCorpus(DataModule):
         return self._entry_path
 
     def _check_summary(self, summary) -> None:  # noqa: ANN001
-        if summary.documents["train"] == 0:
+        if summary.documents["train" if self.val_split_fraction < 1.0 else "val"] == 0:
             (root, _), _ = self._roots()
             raise ValueError(
                 f"No text in {root}: its records are all empty or not UTF-8 (text_key={self.text_key!r}); point the "
@@ -370,7 +384,7 @@ class Corpus(TokenCorpus):
         text_key: the field (JSON) or column (parquet) that holds each document.
         glob: pattern of the files to read inside a folder (default: every file but hidden ones).
         val_path: a file, folder or glob of validation data; None holds out ``val_split_fraction``.
-        val_split_fraction: share held out for validation (0: no validation set).
+        val_split_fraction: share held out for validation (0: no validation set; 1: all of it, for evaluation only).
         seed: shuffle seed of the training stream (the order also changes every epoch).
         num_workers: dataloader worker processes (0 = load in the main process).
         num_proc: preparation processes (None: every core this process may use).

@@ -7,8 +7,11 @@ Order. Epoch e (1, 2, ...) visits the examples in a permutation drawn from (seed
 only the first `len(loader) * batch_size * world_size` of it, and rank r takes every world_size-th of
 those from position r: shares are disjoint, every rank yields the same number of full batches (a rank
 that runs out first would leave the others waiting in a collective forever), and the dropped remainder
-differs every epoch. Validation is not shuffled; with several ranks the last `n % world_size`
-examples are left out so that every rank has the same share, whose last batch may be smaller.
+differs every epoch. Validation is not shuffled and keeps every example (the last batch may be
+smaller). A data module's validation loader is built with `rank=0, world_size=1`: every rank reads the
+whole split and the engine shares a prefix of its batches (`base.rank_share`), so the examples evaluated do
+not depend on the world size. (With `world_size > 1` a validation loader leaves the last `n % world_size`
+examples out, so that every rank has the same share.)
 
 Resume. The state is the epoch in progress and how many of its batches were consumed, as for
 `ResumableLoader`: the permutation is recomputed from (seed, epoch), so a restored loader yields

@@ -272,13 +272,9 @@ class Instructions(DataModule):
         examples = self.examples("val")
         if not examples:
             return None
-        loader = ExampleLoader(examples, self.batch_size, self._pad_id(), shuffle=False, drop_last=False)
-        if len(loader) == 0:  # fewer validation examples than ranks
-            raise ValueError(
-                f"The {len(examples)} validation examples are fewer than the {loader.world_size} ranks: "
-                "raise val_split_fraction or set it to 0."
-            )
-        return loader
+        # the whole split on every rank: the engine shares its batches (litliger.data.base.rank_share)
+        return ExampleLoader(examples, self.batch_size, self._pad_id(), shuffle=False, drop_last=False, rank=0,
+                             world_size=1)  # fmt: skip
 
     # ---------------------------------------------------------------- reporting
 

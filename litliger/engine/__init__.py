@@ -23,6 +23,7 @@ from .signals import RunInterrupted, StopSignals
 from .training_state import (
     check_resumable,
     find_resume_checkpoint,
+    finished_run,
     has_checkpoints,
     is_complete,
     load_training_state,
@@ -41,6 +42,7 @@ __all__ = [
     "build_optimizer",
     "check_resumable",
     "find_resume_checkpoint",
+    "finished_run",
     "fit",
     "has_checkpoints",
     "is_complete",

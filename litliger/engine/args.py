@@ -89,7 +89,9 @@ class EvalArgs:
     interval: int | None = 100
     """steps between validations (null: never during training)."""
     max_iters: int = 50
-    """validation batches per evaluation."""
+    """validation batches per evaluation, all devices together: the first max_iters x train.micro_batch_size
+    samples of the validation split (of each source of a mixture), shared between the devices, so the same
+    weights give the same val_loss on any number of devices."""
     initial_validation: bool = False
     """validate once before the first step."""
     final_validation: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint.layout import FINAL_DIR, step_dir
+from ..data.base import rank_share
 from ..model.config import Config, flops_per_token
 from ..model.parallelize import unwrap
 from .args import EvalArgs, TrainArgs
@@ -88,7 +90,8 @@ def validate(
     count_targets: CountFn = next_token_count,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> float | None:
-    """Mean loss per target token over up to ``max_iters`` validation batches, all ranks together.
+    """Mean loss per target token over the first ``max_iters`` batches of ``loader``, all ranks together
+    (see :func:`validation_sums`): the same number at any world size.
 
     Returns None when ``should_stop`` cut it short (single process only: with several ranks every rank
     must run the same forwards, so validation always completes there).
@@ -107,20 +110,26 @@ def validation_sums(
     count_targets: CountFn = next_token_count,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[float, float] | None:
-    """(summed loss, target tokens) over up to ``max_iters`` batches of ``loader``, all ranks together."""
+    """(summed loss, target tokens) over the first ``max_iters`` batches of ``loader``, all ranks together.
+
+    ``loader`` yields the whole validation split, the same batches on every rank (a data module's
+    ``val_dataloader``); batch i is evaluated on rank ``i % world_size`` (``rank_share``), so the batches
+    counted, ``max_iters`` x the micro batch size samples, do not depend on the world size. A rank with one
+    batch fewer runs a filler batch whose loss counts zero: every rank runs the same forwards.
+    """
     model.eval()
     total = torch.zeros((), device=fabric.device, dtype=torch.float64)
     count = torch.zeros((), device=fabric.device, dtype=torch.float64)
     stopped = False
-    for i, batch in enumerate(loader):
-        if i >= max_iters:
-            break
+    for batch, counted in rank_share(loader, max_iters, fabric.global_rank, fabric.world_size):
         if fabric.world_size == 1 and should_stop():
             stopped = True
             break
         batch = _to_device(batch, fabric.device)
-        total += loss_fn(model, batch).double()
-        count += count_targets(batch)
+        loss = loss_fn(model, batch)
+        if counted:
+            total += loss.double()
+            count += count_targets(batch)
     model.train()
     reshard(model)
     if stopped:
@@ -308,8 +317,10 @@ class _Run:
             self.throughput.reset(progress.tokens)  # validation time is not training throughput
 
     def save(self, path: Path) -> Path:
-        """Write a training checkpoint (weights or trainable tensors, optimizer, counters, data position)."""
+        """Write a training checkpoint (weights or trainable tensors, optimizer, counters, data position), after
+        the loggers wrote out every line logged so far (a save is where a stopped or crashed run resumes)."""
         setup = self.setup
+        self.metrics.flush()
         path = save_training_checkpoint(
             self.fabric,
             path,
@@ -387,6 +398,7 @@ class _Run:
                 self.precision,
                 self.setup.out_dir,
             )
+            self.metrics.flush()  # the lines logged before it stay readable
             raise FloatingPointError(message)
 
 
@@ -411,11 +423,8 @@ def fit(
     ``final`` is complete: the run is saved, and nothing that follows it (the end-of-run sample) runs.
     """
     accum = train.gradient_accumulation_steps(fabric.world_size)
-    if setup.resumed_from is not None and setup.resumed_from.name == FINAL_DIR and progress.step >= setup.total_steps:
-        # a finished run, run again: nothing trains, so final/ stays as it is, byte for byte (finetunes
-        # record their base by its content, and a rewrite would be a needless risk to the only copy)
-        fabric.print(f"{setup.resumed_from} is already trained to step {progress.step}; nothing to do")
-        return setup.resumed_from
+    # a finished run, run again, never gets here: the recipes ask training_state.finished_run first, so final/
+    # stays as it is, byte for byte (finetunes record their base by its content; a rewrite risks the only copy)
     run = _Run(
         fabric,
         model,
@@ -451,6 +460,8 @@ def fit(
         if not validated or run.agree_to_stop(True):
             # stopped during the final validation: keep the trained weights; a resume validates and finishes
             return run.stop_here()
+        # before "saved .../final", which stays the run's last line; save() flushes the loggers
+        fabric.print(f"plot the curves with: litliger plot {shlex.quote(str(setup.out_dir))}")
         path = run.save(setup.out_dir / FINAL_DIR)
     # a signal that arrived during the final save was only recorded: act on it now that final/ is complete
     if run.agree_to_stop(True):

@@ -37,10 +37,15 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def make_loggers(name: str, out_dir: Path, run_name: str) -> list:
+    """The Fabric logger ``name`` writes under ``out_dir/logs``; :class:`MetricsLog` feeds it every logged line.
+
+    The CSV logger writes each row when it is logged (Lightning's default buffers 100 steps and nothing
+    writes the rest at the end); every run, a resumed one too, writes its own ``csv/version_N/metrics.csv``.
+    """
     if name == "csv":
         from lightning.fabric.loggers import CSVLogger
 
-        return [CSVLogger(root_dir=str(out_dir / "logs"), name="csv")]
+        return [CSVLogger(root_dir=str(out_dir / "logs"), name="csv", flush_logs_every_n_steps=1)]
     if name == "tensorboard":
         try:
             from lightning.fabric.loggers import TensorBoardLogger
@@ -63,6 +68,8 @@ class MetricsLog:
 
     Each step appears once: a resumed run first drops the lines past the step it resumes from (the
     interrupted run logged them, the resumed one logs them again), and a fresh run starts a new file.
+    ``metrics.jsonl`` is the source of truth; the loggers get every line too (train and validation), and
+    :meth:`flush` writes out what they buffer (the loop calls it at every checkpoint save and when fit ends).
     """
 
     def __init__(self, fabric: L.Fabric, out_dir: Path, keep_through: int | None) -> None:
@@ -91,6 +98,11 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(values) + "\n")
         self.fabric.log_dict({k: v for k, v in values.items() if k != "step"}, step=step)
+
+    def flush(self) -> None:
+        """Write out what the loggers hold (CSV rows, TensorBoard events) without closing them (rank 0)."""
+        for logger in self.fabric.loggers:
+            logger.save()  # rank-zero-only in Lightning's loggers
 
 
 class Throughput:

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint.checksums import file_entry, incomplete_files, verify_checksums, write_checksums
 from ..checkpoint.io import disk_full_is_one_line, publish_dir, read_config
-from ..checkpoint.layout import FINAL_DIR, STATE_DIR, STATE_FILE, STEP_DIR_PATTERN, scratch_path
+from ..checkpoint.layout import CHECKSUMS_FILE, FINAL_DIR, STATE_DIR, STATE_FILE, STEP_DIR_PATTERN, scratch_path
 from ..model.config import Config
 from ..model.parallelize import unwrap
 from .runtime import is_fsdp
@@ -96,15 +96,31 @@ def find_resume_checkpoint(out_dir: Path) -> Path | None:
     legacy = [p for p in folders if is_legacy(p)]
     if legacy:
         raise ValueError(f"checkpoint {legacy[-1]} cannot be resumed, in --resume auto: " + _upgrade_hint(legacy[-1]))
-    broken = [p.name for p in folders if not is_complete(p)]
+    broken = [f"{p.name} ({_why_incomplete(p)})" for p in folders if not is_complete(p)]
     if broken:
         raise ValueError(
-            f"out_dir {out_dir} holds checkpoint folders that cannot be resumed from: {', '.join(broken)} "
-            f"(model or training state files are missing), in --resume auto; move them away or pass "
-            "--resume PATH to pick a checkpoint explicitly"
+            f"out_dir {out_dir} holds checkpoint folders that cannot be resumed from: {', '.join(broken)}, "
+            "in --resume auto; move them away or pass --resume PATH to pick a checkpoint explicitly"
         )
     candidates = [(read_state(p)["step"], p.name != FINAL_DIR, p) for p in folders]
     return max(candidates)[2] if candidates else None
+
+
+def _why_incomplete(path: Path) -> str:
+    """What :func:`is_complete` found wrong with ``path``, naming the file: missing, or corrupt (another size)."""
+    state = f"{STATE_DIR}/{STATE_FILE}"
+    if not (path / state).is_file():
+        return f"{state} is missing"
+    try:
+        wrong = incomplete_files(path) or []
+    except ValueError:
+        return f"{CHECKSUMS_FILE} is corrupt"
+    missing = [name for name in wrong if not (path / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing" + (f", and {len(wrong) - 1} more files" if len(wrong) > 1 else "")
+    return f"{wrong[0]} is corrupt: not the size it was written with" + (
+        f", and {len(wrong) - 1} more files" if len(wrong) > 1 else ""
+    )
 
 
 def _upgrade_hint(path: Path) -> str:
@@ -168,6 +184,34 @@ def resolve_resume_on_all_ranks(fabric: L.Fabric, resume: bool | str | Path | No
     """:func:`resolve_resume` on rank 0, its answer (or its error) on every rank."""
     path = on_rank_zero(fabric, lambda: resolve_resume(resume, out_dir))
     return Path(path) if path is not None else None
+
+
+def finished_run(fabric: L.Fabric, out_dir: Path, resume_dir: Path | None, total_steps: int) -> Path | None:
+    """The ``final/`` of a finished run that is at or beyond ``total_steps`` (out_dir's own, or the final/ being
+    resumed), after saying so in one line; None when there is something to train. Collective.
+
+    Both recipes ask this before they train: a finished run run again (also with a smaller max_steps, or resumed
+    from a step folder at or before final's step) trains, validates and writes nothing, so final/ stays as it is.
+    """
+
+    def check() -> tuple[str, int] | None:
+        for folder in (out_dir / FINAL_DIR, resume_dir):
+            if folder is not None and folder.name == FINAL_DIR and is_complete(folder):
+                step = read_state(folder)["step"]
+                if step >= total_steps:
+                    return str(folder), step
+        return None
+
+    found = on_rank_zero(fabric, check)
+    if found is None:
+        return None
+    folder, step = Path(found[0]), found[1]
+    asks = "" if step == total_steps else f"; this run asks for {total_steps} steps"
+    fabric.print(
+        f"{folder.parent} is finished ({folder.name}/ at step {step}{asks}); nothing to train. "
+        "Raise --train.max_steps to continue, or use another --out_dir"
+    )
+    return folder
 
 
 def prune_step_checkpoints(out_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[str]:

@@ -4,6 +4,12 @@ the scoring functions an ``lm_eval`` model needs (``LitligerLM``, only when lm-e
 The loss is the summed next-token cross-entropy over every target token of the split (a text corpus: every
 token after the first of each block; instruction data: the response tokens, prompts masked as in training)
 divided by their count; perplexity is its exp. The validation loader is not shuffled, so two runs agree.
+
+A checkpoint written by a training run holds ``run.yaml``: the run's data module and validation settings. By
+default they are used, so the command reports the run's own validation loss for these weights (the same
+batches: the first ``eval.max_iters`` batches of ``train.micro_batch_size`` sequences of the run's
+``max_seq_length`` tokens); ``--data``, ``--max_seq_length``, ``--batch_size`` and ``--max_batches`` override
+them. Only a ``litliger.data`` class is rebuilt from the record.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.layout import RUN_FILE
 from ..data import DataModule, Instructions, PythonStdlib
+from ..data.base import data_from_record, read_run_record
 from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
 from ..util.checks import check_positive
 from ..util.files import write_atomically
@@ -26,7 +34,7 @@ def main(
     checkpoint_dir: Path,
     data: DataModule | None = None,
     max_seq_length: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     max_batches: int | None = None,
     out_file: Path | None = None,
     precision: Precision = "auto",
@@ -38,21 +46,30 @@ def main(
 
     Args:
         checkpoint_dir: a checkpoint folder or a finetuning step folder, with its tokenizer.
-        data: any DataModule with a validation split; default the embedded corpus (the standard library).
-            Instruction data is formatted by the finetune's saved prompt style when the checkpoint has one.
-        max_seq_length: tokens per sequence (default the model's block_size).
-        batch_size: sequences per forward.
-        max_batches: evaluate only the first N batches (default all).
+        data: any DataModule with a validation split; default the run's (recorded in the checkpoint's run.yaml),
+            else the embedded corpus (the standard library). Instruction data is formatted by the finetune's
+            saved prompt style when the checkpoint has one.
+        max_seq_length: tokens per sequence (default the run's, else the model's block_size).
+        batch_size: sequences per forward (default the run's micro batch size, else 4).
+        max_batches: evaluate only the first N batches (default: with the run's data, the run's
+            eval.max_iters, so the loss is the run's val_loss; else all).
         out_file: also write the JSON here (checked before any work; written whole or not at all).
         precision: the weights' dtype (auto: bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
-    check_positive("batch_size", batch_size, "set how many sequences go in one forward")
+    check_positive("batch_size", batch_size, "set how many sequences go in one forward", optional=True)
     check_positive("max_seq_length", max_seq_length, "set the tokens per sequence", optional=True)
     check_positive("max_batches", max_batches, "set a number of batches, or leave it unset for all", optional=True)
     if out_file is not None:
         check_out_file(Path(out_file))  # before any work: a path that cannot be written would lose it all
+    run = read_run_record(Path(checkpoint_dir))
+    recorded = run["validation"] if run is not None else {}
+    if data is None and run is not None and run.get("data") is not None:
+        data = data_from_record(run["data"], Path(checkpoint_dir) / RUN_FILE)
+        max_batches = max_batches or recorded.get("max_batches")  # the run's prefix of its own validation split
     data = data if data is not None else PythonStdlib()
+    batch_size = batch_size or recorded.get("batch_size") or 4
+    max_seq_length = max_seq_length or recorded.get("max_seq_length")
     if getattr(data, "val_split_fraction", None) == 0:
         raise _no_val_split(data)
     model, tokenizer, device = load_for_inference(checkpoint_dir, device, precision)
@@ -95,6 +112,7 @@ def main(
         "split": "val",
         "max_seq_length": seq_len,
         "batch_size": batch_size,
+        "max_batches": max_batches,
         "batches": sums["batches"],
         "tokens": sums["tokens"],
         "loss": loss,
@@ -133,3 +151,13 @@ def _no_val_split(data: DataModule) -> ValueError:
 
 
 # --- scoring for lm-evaluation-harness ---------------------------------------------------------------------
+
+
+def __getattr__(name: str):
+    """``litliger.eval.evaluate.LitligerLM``, imported on first use: it needs lm-evaluation-harness, which
+    nothing else needs (without it, a ModuleNotFoundError that says how to install it)."""
+    if name == "LitligerLM":
+        from .lm_eval import LitligerLM
+
+        return LitligerLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

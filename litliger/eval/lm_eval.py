@@ -1,8 +1,9 @@
 """``LitligerLM``: a litliger checkpoint as an lm-evaluation-harness model (``pip install litliger[eval]``).
 
-Imported only through ``litliger.evaluate.LitligerLM``: this module needs ``lm_eval``; nothing else in
-litliger does. ``lm_eval --model litliger --model_args checkpoint_dir=out/final`` finds it once
-``litliger.evaluate.LitligerLM`` has been imported (it registers itself), or pass an instance to
+Imported only as ``litliger.eval.lm_eval.LitligerLM`` (or ``litliger.eval.evaluate.LitligerLM``): this module
+needs ``lm_eval``; nothing else in litliger does, and without it importing this module is a ModuleNotFoundError
+that says how to install it. ``lm_eval --model litliger --model_args checkpoint_dir=out/final`` finds it once
+``LitligerLM`` has been imported (it registers itself), or pass an instance to
 ``lm_eval.simple_evaluate(model=LitligerLM(...))``.
 """
 
@@ -11,10 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
-from ..inference.generate import TextStream, generate_tokens
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as e:
+    if e.name is None or e.name.split(".")[0] != "lm_eval":
+        raise
+    raise ModuleNotFoundError(
+        "litliger evaluate's lm_eval model needs lm-evaluation-harness: pip install 'litliger[eval]'", name="lm_eval"
+    ) from None
+
+from ..data.prompts import bos_ids
+from ..inference.generate import TextStream, generate_tokens, prompt_ids, start_id
 from ..inference.loading import Precision, load_for_inference
 from .scoring import continuation_logprob, rolling_logprob
 
@@ -22,17 +32,18 @@ from .scoring import continuation_logprob, rolling_logprob
 @register_model("litliger")
 class LitligerLM(LM):
     """loglikelihood, loglikelihood_rolling and generate_until on a litliger checkpoint folder, one request
-    at a time (scoring is exact at any batch size; batching is left out for clarity)."""
+    at a time (scoring is exact at any batch size; batching is left out for clarity).
+
+    A context is encoded as ``litliger generate`` encodes a prompt: BOS only when the tokenizer adds one; an
+    empty context, and the token before a rolling text, is the start token (BOS if the tokenizer has one,
+    else EOS), as lm_eval's Hugging Face model does.
+    """
 
     def __init__(
         self, checkpoint_dir: str | Path, device: str = "auto", precision: Precision = "auto", **_: object
     ) -> None:
         super().__init__()
         self.model, self.tokenizer, self._device = load_for_inference(Path(checkpoint_dir), device, precision)
-
-    def _first(self) -> int:
-        t = self.tokenizer
-        return t.bos_id if t.add_bos and t.bos_id is not None else t.eos_id
 
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # as lm_eval's Hugging Face model: trailing spaces of the context belong to the continuation
@@ -41,14 +52,16 @@ class LitligerLM(LM):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.tokenizer.encode(context + continuation, bos=False)
         ctx = self.tokenizer.encode(context, bos=False)
-        return [self._first(), *whole[: len(ctx)]], whole[len(ctx) :]
+        context_ids = bos_ids(self.tokenizer, context) + whole[: len(ctx)]
+        return context_ids or [start_id(self.tokenizer)], whole[len(ctx) :]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return [continuation_logprob(self.model, *self._split(*r.args)) for r in requests]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         return [
-            rolling_logprob(self.model, self.tokenizer.encode(r.args[0], bos=False), self._first()) for r in requests
+            rolling_logprob(self.model, self.tokenizer.encode(r.args[0], bos=False), start_id(self.tokenizer))
+            for r in requests
         ]
 
     def generate_until(self, requests) -> list[str]:
@@ -58,7 +71,7 @@ class LitligerLM(LM):
             until = kwargs.get("until") or [self.tokenizer.decode([self.tokenizer.eos_id])]
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            ids = [self._first(), *self.tokenizer.encode(context, bos=False)][-(self.model.max_seq_length - 1) :]
+            ids = prompt_ids(self.tokenizer, context)[-(self.model.max_seq_length - 1) :]
             shown = TextStream(self.tokenizer, skip=[self.tokenizer.eos_id])
             text = ""
             idx = torch.tensor([ids], device=self._device)

@@ -221,15 +221,29 @@ class TextStream:
         new, self.printed = text[len(self.printed) :], text
         return new
 
+    def flush(self) -> str:
+        """At the end of the stream: the text not printed yet, an incomplete character shown as U+FFFD."""
+        text = self.tokenizer.decode(self.ids)
+        new = text[len(self.printed) :] if text.startswith(self.printed) else ""
+        self.printed = text
+        return new
+
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.ids)
 
 
+def start_id(tokenizer) -> int:
+    """The token a prompt with no tokens starts from: BOS when the tokenizer has one (even one it does not add
+    by itself), else EOS, the token that precedes every document after the first in the training data."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """``prompt``'s ids with BOS as the tokenizer adds it; an empty prompt starts from BOS (else EOS)."""
-    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-    return tokenizer.encode(prompt, bos=True) or [start]
+    """``prompt``'s ids with BOS exactly when the tokenizer adds it (``add_bos``, as in training and as
+    transformers' tokenizer encodes it); an empty prompt is ``[start_id(tokenizer)]``, since decoding needs
+    a token to start from."""
+    return tokenizer.encode(prompt) or [start_id(tokenizer)]
 
 
 def complete(
@@ -328,9 +342,11 @@ def main(
     Args:
         checkpoint_dir: a checkpoint folder with model.safetensors, model_config.yaml and tokenizer.json,
             or a finetuning step folder (base + trainable.safetensors).
-        prompt: the text to continue. For a finetuned checkpoint (finetune.yaml) it is the user's turn,
-            formatted by the prompt style the finetune trained with, and the answer is printed.
-        max_new_tokens: the most tokens to generate; it ends earlier at an end-of-text (or end-of-turn) token.
+        prompt: the text to continue, encoded as the tokenizer encodes text (a BOS only if it adds one, as
+            in training). For a finetuned checkpoint (finetune.yaml) it is the user's turn, formatted by the
+            prompt style the finetune trained with, and the answer is printed.
+        max_new_tokens: the most tokens to generate; it ends earlier at an end-of-text (or end-of-turn) token,
+            or when the prompt and its continuation fill the model's context (then stderr says so).
         raw: continue ``prompt`` as plain text even when the checkpoint records a prompt style.
         temperature: divides the logits before sampling; 0 for greedy decoding.
         top_k: sample from the k most likely tokens only (null: all).
@@ -359,16 +375,23 @@ def main(
     print(text, end="", flush=True)
     start = time.perf_counter()
     first = now = start
-    n = 0
+    n, last, limit = 0, None, model.max_seq_length
     for token in generate_tokens(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, stop_ids=stops, vocab_size=tokenizer.vocab_size,
-                                 generator=torch.Generator().manual_seed(seed)):  # fmt: skip
+                                 generator=torch.Generator().manual_seed(seed), max_seq_length=limit):  # fmt: skip
         n += 1
         now = time.perf_counter()
         if n == 1:
             first = now
-        print(shown.add(int(token)), end="", flush=True)
-    print(flush=True)
+        last = int(token)
+        print(shown.add(last), end="", flush=True)
+    print(shown.flush(), flush=True)
+    if n < max_new_tokens and last not in stops:  # the KV cache is full: the prompt and its continuation hit the limit
+        print(
+            f"litliger: generated {n} of {max_new_tokens} tokens: the context limit of {limit} tokens was reached "
+            f"(the prompt is {len(ids)}); lower --max_new_tokens or shorten --prompt",
+            file=sys.stderr,
+        )
     rate = f"{(n - 1) / (now - first):.1f}" if n > 1 and now > first else "n/a"
     print(
         f"prompt tokens: {len(ids)} | new tokens: {n} | time to first token: {first - start:.3f} s | "

@@ -143,7 +143,7 @@ class Config:
             close = [n for n in CONFIGS if name.lower() in n.lower()]
             hint = f"did you mean {', '.join(close[:5])}?" if close else ""
             raise ValueError(
-                f"unknown model name {name!r}, in --model_name; {hint or 'see litliger.model.registry.CONFIGS'}"
+                f"unknown model name {name!r}, in --model_name; {hint or '`litliger models` lists the names'}"
             )
         return cls.from_dict({**CONFIGS[name], **overrides})
 
@@ -196,6 +196,19 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
+def check_field_names(values: dict[str, Any], where: str) -> None:
+    """Every key of ``values`` is a Config field; else one line naming the unknown ones and the valid ones."""
+    known = [f.name for f in fields(Config)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = sorted({m for name in unknown for m in difflib.get_close_matches(name, known, n=1)})
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(
+            f"unknown model field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}, in {where}; "
+            f"{hint}the fields are {', '.join(known)}"
+        )
+
+
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether a plain (YAML) value fits a Config annotation; ints pass for floats, bools never for numbers."""
     origin = typing.get_origin(hint)
@@ -245,6 +258,39 @@ def num_parameters(config: Config, non_embedding: bool = False) -> int:
     if non_embedding:
         return total
     return total + embed + head
+
+
+def list_models(name: str | None = None) -> None:
+    """``litliger models``: the registry's configs with their sizes, counted from the config (no weights built).
+
+    Pick one with ``--model_name NAME`` and change any field of it with ``--model.FIELD VALUE``
+    (``litliger pretrain --model_name debug-llama --model.n_layer 2``).
+
+    Args:
+        name: show only the configs whose name contains this text (case-insensitive), e.g. llama.
+    """
+    from .registry import CONFIGS
+
+    names = [n for n in CONFIGS if name is None or name.lower() in n.lower()]
+    if not names:
+        raise ValueError(f"no model name contains {name!r}, in --name; run `litliger models` for every name")
+    rows = [("name", "parameters", "layers", "n_embd", "heads", "kv heads", "block_size")]
+    for n in names:
+        c = Config.from_name(n)
+        rows.append((n, _count(num_parameters(c)), c.n_layer, c.n_embd, c.n_head, c.n_query_groups, c.block_size))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        first, *rest = (str(v) for v in row)
+        print("  ".join([first.ljust(widths[0]), *(v.rjust(w) for v, w in zip(rest, widths[1:], strict=True))]))
+
+
+def _count(n: int) -> str:
+    """1235814400 -> 1.24B, 162322944 -> 162M, 530816 -> 531K: three significant digits."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.3g}{unit}" if value < 1000 else f"{value:.0f}{unit}"
+    return str(n)
 
 
 def flops_per_token(config: Config, seq_len: int) -> float:

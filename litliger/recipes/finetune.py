@@ -15,10 +15,11 @@ from typing import Literal
 import lightning as L
 import torch
 
-from ..checkpoint.finetuned import check_same_finetune, finetune_meta, write_finetune_files
+from ..checkpoint.finetuned import check_same_finetune, finetune_meta, trained_tensors_file, write_finetune_files
 from ..checkpoint.io import load_tensors, read_config, read_finetune_meta, verified_base_identity
-from ..checkpoint.layout import MODEL_FILE, TRAINABLE_FILE
+from ..checkpoint.layout import MODEL_FILE
 from ..data import DataModule, Instructions, PromptStyle, PythonDocstrings, Tokenizer, infinite_batches
+from ..data.base import run_record, write_run_record
 from ..engine import (
     EvalArgs,
     FitSetup,
@@ -26,6 +27,7 @@ from ..engine import (
     TrainArgs,
     build_optimizer,
     check_resumable,
+    finished_run,
     fit,
     make_fabric,
     make_loggers,
@@ -227,7 +229,7 @@ def main(
             reloaded = set(trainable) if resume_dir is not None else set()
             load_tensors(model, checkpoint_dir / MODEL_FILE, expected=base_names, copy=base_names - reloaded)
             if resume_dir is not None:
-                load_tensors(model, resume_dir / TRAINABLE_FILE, expected=set(trainable))
+                load_tensors(model, trained_tensors_file(resume_dir), expected=set(trainable))
 
         model = setup_model(fabric, build, seed=seed, resuming=resume_dir is not None, load=load, compile=compile)
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
@@ -238,13 +240,17 @@ def main(
         )
         fabric.print(data.summary())
         total = train.finetune_steps(max(1, len(train_loader) // accum), train.global_batch_size * seq_len)
+        if resume_dir is not None and (finished := finished_run(fabric, out_dir, resume_dir, total)) is not None:
+            return finished  # nothing trains, nothing is written; no end-of-run answer either
         n_train = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in unwrap(model).parameters())
         fabric.print(
-            f"{method} finetune of {checkpoint_dir}: {n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters train, "
-            f"{total} steps"
+            f"{method} finetune of {checkpoint_dir}: {n_train:,} of {n_all:,} parameters train "
+            f"({100 * n_train / n_all:.2f}%), {total} steps"
         )
 
+        # what `litliger evaluate` needs to validate a checkpoint of this run as the run did
+        record = run_record(data, max_seq_length=seq_len, batch_size=train.micro_batch_size, max_batches=eval.max_iters)
         path = fit(
             fabric,
             model,
@@ -260,9 +266,10 @@ def main(
                 seq_len=seq_len,
                 max_lr=optimizer_args.lr,
                 total_steps=total,
-                write_files=lambda folder, tensors, final: write_finetune_files(
-                    folder, tensors, meta=meta, config=config, final=final
-                ),
+                write_files=lambda folder, tensors, final: [
+                    *write_finetune_files(folder, tensors, meta=meta, config=config, final=final),
+                    write_run_record(folder, record),
+                ],
                 signals=signals,
                 resumed_from=resume_dir,
                 trainable_only=True,

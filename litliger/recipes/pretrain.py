@@ -6,14 +6,15 @@ setup (parse, build Fabric) -> main (config, tokenizer, model, optimizer, data, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 
 from ..checkpoint.checksums import verify_checksums
 from ..checkpoint.io import load_model_weights, read_config, write_model_files
-from ..checkpoint.layout import MODEL_FILE
+from ..checkpoint.layout import CONFIG_FILE, MODEL_FILE
 from ..data import DataModule, PythonStdlib, infinite_batches
+from ..data.base import run_record, write_run_record
 from ..engine import (
     EvalArgs,
     FitSetup,
@@ -21,6 +22,7 @@ from ..engine import (
     TrainArgs,
     build_optimizer,
     check_resumable,
+    finished_run,
     fit,
     make_fabric,
     make_loggers,
@@ -31,7 +33,7 @@ from ..engine import (
     unwrap,
 )
 from ..inference.sampling import SampleArgs
-from ..model.config import Config
+from ..model.config import Config, check_field_names
 from ..model.gpt import GPT
 from ..util.checks import check_between
 from .common import data_loaders, print_sample, resolve_tokenizer, restore_progress
@@ -40,6 +42,7 @@ from .common import data_loaders, print_sample, resolve_tokenizer, restore_progr
 def setup(
     model_name: str | None = None,
     model_config: Config | None = None,
+    model: dict[str, Any] | None = None,
     out_dir: Path = Path("out/pretrain"),
     precision: Literal["bf16-mixed", "bf16-true", "16-true", "32-true"] | None = None,
     initial_checkpoint_dir: Path | None = None,
@@ -61,8 +64,10 @@ def setup(
     """Pretrain a model.
 
     Args:
-        model_name: a model name from the config registry (``litliger.model.registry.CONFIGS``), e.g. debug-llama.
+        model_name: a model name from the config registry (``litliger models`` lists them), e.g. debug-llama.
         model_config: a full model config (a YAML file or inline YAML) instead of ``model_name``.
+        model: ``--model.FIELD VALUE``: change fields of the ``model_name`` config, e.g. ``--model.n_layer 2``
+            (any Config field; ``litliger models`` lists the names and sizes).
         out_dir: where checkpoints (step-XXXXXXXX/, final/), metrics.jsonl and logs go.
         precision: the training precision (default bf16-mixed on GPUs that support it, else 32-true).
         initial_checkpoint_dir: start from these weights (a litliger checkpoint folder), not from random init.
@@ -96,7 +101,7 @@ def setup(
     fabric.launch()
     return main(
         fabric,
-        config=resolve_config(model_name, model_config, initial_checkpoint_dir),
+        config=resolve_config(model_name, model_config, initial_checkpoint_dir, model),
         out_dir=out_dir,
         initial_checkpoint_dir=initial_checkpoint_dir,
         resume=resume,
@@ -111,9 +116,39 @@ def setup(
     )
 
 
-def resolve_config(model_name: str | None, model_config: Config | None, initial_checkpoint_dir: Path | None) -> Config:
+def resolve_config(
+    model_name: str | None,
+    model_config: Config | None,
+    initial_checkpoint_dir: Path | None,
+    model: dict[str, Any] | None = None,
+) -> Config:
+    """The model to train: a registry config (with ``model``'s fields changed), a full config, or the config of
+    ``initial_checkpoint_dir``."""
     if model_name is not None and model_config is not None:
-        raise ValueError("give either model_name or model_config, not both")
+        raise ValueError(
+            "give either model_name or model_config, not both; to change fields of a named config, use "
+            "--model.FIELD (e.g. --model_name debug-llama --model.n_layer 2)"
+        )
+    if model:
+        first = f"--model.{next(iter(model))}"
+        if initial_checkpoint_dir is not None:
+            raise ValueError(
+                f"the model of initial_checkpoint_dir={initial_checkpoint_dir} is fixed by its {CONFIG_FILE}, in "
+                f"{first}; drop the --model.* flags or --initial_checkpoint_dir"
+            )
+        if model_name is None:
+            raise ValueError(
+                f"--model.* changes fields of a named config but none is named, in {first}; add --model_name NAME "
+                "(`litliger models` lists them)"
+            )
+        check_field_names(model, "--model")
+        Config.from_name(model_name)  # an unknown name is reported as such
+        try:
+            return Config.from_name(model_name, **model)
+        except ValueError as e:
+            what, _, fix = str(e).partition("; ")
+            where = first if len(model) == 1 else "--model"
+            raise ValueError(f"{what}, in {where}; {fix or 'use another value'}") from e
     if initial_checkpoint_dir is not None:
         config = read_config(initial_checkpoint_dir)
         if model_config is not None and model_config != config:
@@ -154,6 +189,8 @@ def main(
         resume_dir = resolve_resume_on_all_ranks(fabric, resume, out_dir)
         if resume_dir is not None:
             check_resumable(resume_dir, config, fabric.world_size)
+            if (finished := finished_run(fabric, out_dir, resume_dir, total)) is not None:
+                return finished  # nothing trains, nothing is written; no end-of-run sample either
         elif initial_checkpoint_dir is not None:
             on_rank_zero(fabric, lambda: verify_checksums(Path(initial_checkpoint_dir), training_state=False))
         fabric.seed_everything(seed)
@@ -187,9 +224,12 @@ def main(
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         fabric.print(f"model {config.name or 'custom'}: {n_params / 1e6:.2f}M parameters, {total} steps")
 
+        # what `litliger evaluate` needs to validate a checkpoint of this run as the run did
+        record = run_record(data, max_seq_length=seq_len, batch_size=train.micro_batch_size, max_batches=eval.max_iters)
+
         def write_files(folder: Path, tensors: dict, final: bool) -> list[str]:
             write_model_files(folder, tensors, config, tokenizer.save)
-            return [MODEL_FILE]
+            return [MODEL_FILE, write_run_record(folder, record)]
 
         path = fit(
             fabric,
