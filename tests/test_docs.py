@@ -385,7 +385,6 @@ FIXTURES: dict[str, Callable[[Session, Path], None]] = {
     "my_records.jsonl": _write("my_records.jsonl", "".join(json.dumps(r) + "\n" for r in RECORDS)),
     "alpaca.json": _write("alpaca.json", json.dumps(RECORDS[:40])),
     "corpus/": _text_folder("corpus"),
-    "held_out/": _text_folder("held_out"),
     "slimpajama/": _jsonl_zst("slimpajama/train"),
     "my_mixture.yaml": _write("my_mixture.yaml", MY_MIXTURE),
     "my.yaml": _my_yaml,  # a run already in out/run, as the resume commands assume

@@ -87,7 +87,9 @@ def test_two_ranks_validate_the_same_batches_as_one(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a fork of a process whose OpenMP threads ran torch ops (any earlier test in this pytest
+    # process) can deadlock in the child's first parallel op (libgomp is not fork-safe)
+    ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, root, tok, records, results)) for r in range(2)]
     for p in procs:
@@ -95,7 +97,7 @@ def test_two_ranks_validate_the_same_batches_as_one(tmp_path, monkeypatch):
     out = dict(results.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    one = _sums(root, tok, records)  # after the fork: forked children of a process that ran torch ops may hang
+    one = _sums(root, tok, records)
     assert out[0] == out[1]  # both ranks report the all-reduced sums
     assert one["text1"][1] == 2 * 16 and one["text3"][1] == 3 * 2 * 16 < one["text1000"][1]
     for key, (loss, count) in one.items():
