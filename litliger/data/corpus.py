@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,16 +79,16 @@ class TokenCorpus(DataModule):
     cache_dir: Path | None = None
     _text_only = False
 
+    @abstractmethod
     def _roots(self) -> tuple[tuple[str, str], tuple[str, str] | None]:
         """((train location, its argument name), (val location, its argument name) or None)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _glob(self) -> str | None:
-        raise NotImplementedError
+        """The pattern of files inside a folder (None: every file but hidden ones)."""
 
     def _check(self) -> None:
         self._parts: list[Part] | None = None
-        self._stats: dict[str, str] = {}
         if not 0.0 <= self.val_split_fraction <= 1.0:
             raise ValueError(f"val_split_fraction must be in [0, 1], got {self.val_split_fraction}.")
         if self.verify not in VERIFY_MODES:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..data import DataModule, Instructions, PythonStdlib
 from ..data.base import data_from_record, read_run_record
 from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
 from ..util.checks import check_positive
-from ..util.files import write_atomically
+from ..util.files import check_out_file, write_atomically
 from .scoring import split_loss
 
 
@@ -61,7 +60,9 @@ def main(
     check_positive("max_seq_length", max_seq_length, "set the tokens per sequence", optional=True)
     check_positive("max_batches", max_batches, "set a number of batches, or leave it unset for all", optional=True)
     if out_file is not None:
-        check_out_file(Path(out_file))  # before any work: a path that cannot be written would lose it all
+        check_out_file(
+            Path(out_file), "give the path of a file to write the JSON to"
+        )  # before any work: a path that cannot be written would lose it all
     run = read_run_record(Path(checkpoint_dir))
     recorded = run["validation"] if run is not None else {}
     if data is None and run is not None and run.get("data") is not None:
@@ -126,22 +127,6 @@ def main(
     if out_file is not None:
         write_atomically(Path(out_file), text + "\n")
     return result
-
-
-def check_out_file(path: Path) -> None:
-    """Refuse, with one line that says why, an ``--out_file`` that could not be written: a folder, a path
-    below a file, or a folder without write permission (the nearest existing one; the rest is created)."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, in --out_file; give the path of a file to write the JSON to")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{parent} is a file, not a folder, in --out_file {path}; give a path inside a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} is not a regular file, in --out_file; give the path of a file to write the JSON to")
 
 
 def _no_val_split(data: DataModule) -> ValueError:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..util.checks import check_between, check_choice
-from ..util.files import write_atomically
+from ..util.files import check_out_file, write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -196,19 +195,6 @@ def summary(run: Run) -> str:
     return " ".join(parts)
 
 
-def check_out_file(path: Path) -> None:
-    """Refuse, in one line, an ``--out_file`` that cannot be written: a folder, or a path below a file."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, in --out_file; give the path of the PNG file to write")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{parent} is a file, not a folder, in --out_file {path}; give a path inside a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
-
-
 def _agg() -> None:
     """Load matplotlib with the Agg backend (no display needed), or say in one line how to install it."""
     try:
@@ -239,7 +225,7 @@ def main(
     out_dirs = [Path(d) for d in ([out_dirs] if isinstance(out_dirs, (str, Path)) else out_dirs)]
     out_file = Path(out_file) if out_file is not None else (out_dirs[0] / "loss.png" if out_dirs else None)
     if out_file is not None:
-        check_out_file(out_file)
+        check_out_file(out_file, "give the path of the PNG file to write")
     runs = read_runs(out_dirs)
     _agg()
     fig = figure(runs, x, smooth)

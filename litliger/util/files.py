@@ -1,4 +1,4 @@
-"""Writing a small file whole or not at all (stdlib only)."""
+"""Writing a small file whole or not at all, and checking beforehand that it can be written (stdlib only)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_out_file(path: Path, advice: str) -> None:
+    """Refuse, with one line that says why, an ``--out_file`` that could not be written: a folder, a path
+    below a file, a folder without write permission (the nearest existing one; the rest is created), or
+    something that is not a regular file. ``advice`` ends the folder messages ("give the path of ... to write")."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, in --out_file; {advice}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{parent} is a file, not a folder, in --out_file {path}; give a path inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file, in --out_file; {advice}")
