@@ -31,6 +31,7 @@ from test_bad_input import Files
 from test_finetune import REPO
 
 import litliger.eval.evaluate
+import litliger.util.files
 from litliger.cli import main
 from litliger.data.docstrings import file_records
 from litliger.data.instructions import read_records
@@ -296,7 +297,7 @@ def test_out_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(litliger.eval.evaluate.os, "replace", full_disk)
+    monkeypatch.setattr(litliger.util.files.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
         litliger.eval.evaluate.write_atomically(out, '{"loss": 1.0}\n')
     assert out.read_text() == "the previous results\n"  # untouched, and no temporary file left beside it
