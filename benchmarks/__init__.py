@@ -12,6 +12,8 @@ the environment (``pip install -e .``) or from the same root. Each prints a tabl
     python -m benchmarks.data                `litliger prepare` against the tokenizer's limit and LitGPT's litdata
                                              path, loaders (litdata, Mixture, TokenShards), preparation RSS
     python -m benchmarks.finetune            LoRA against full finetuning: tokens/s, memory, optimizer state
+    python -m benchmarks.packing             packed against padded finetuning, document-masked against plain
+                                             pretraining: target tokens/s, padding, peak memory (+ PASS/FAIL)
     python -m benchmarks.generate            decoding: KV cache, no cache and transformers.generate
     python -m benchmarks.peers               the same training step in litliger, LitGPT and transformers
     python -m benchmarks.verify              what checkpoint checksum verification costs per GB

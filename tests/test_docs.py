@@ -116,6 +116,7 @@ SHORTEN = {
     "README.md: litliger finetune --config config_hub/finetune/debug.yaml": SHORT_FINETUNE,
     "tutorials/finetune.md: litliger pretrain --config config_hub/pretrain/debug.yaml": SHORT_PRETRAIN,
     "tutorials/finetune.md: litliger finetune --config config_hub/finetune/debug.yaml": SHORT_FINETUNE,
+    "tutorials/finetune.md: litliger finetune --config config_hub/finetune/debug-packed.yaml": SHORT_FINETUNE,
     "tutorials/finetune.md: litliger pretrain --initial_checkpoint_dir out/finetune/debug/final --config "
     "config_hub/pretrain/debug.yaml \\": SHORT_PRETRAIN,
     "tutorials/pretrain.md: litliger pretrain --config config_hub/pretrain/debug.yaml": SHORT_PRETRAIN,

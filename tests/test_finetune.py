@@ -132,7 +132,7 @@ def run(out: Path, base: Path, records: Path, *, steps: int | None, **kw) -> Pat
         checkpoint_dir=base,
         out_dir=out,
         accelerator="cpu",
-        data=Instructions(json_path=records, val_split_fraction=0.1, seed=3),
+        data=kw.pop("data", None) or Instructions(json_path=records, val_split_fraction=0.1, seed=3),
         train=train,
         eval=kw.pop("eval", EvalArgs(interval=None, max_iters=2, final_validation=False)),
         optimizer=kw.pop("optimizer", OptimizerArgs(lr=1e-2, weight_decay=0.0)),

@@ -74,7 +74,7 @@ def run(out_dir: Path, corpus: Path, *, steps: int, resume=False, save_interval=
         model_config=config or tiny_config(),
         out_dir=out_dir,
         accelerator="cpu",
-        data=TextFiles(train_data_path=corpus, val_split_fraction=0.15, seed=3),
+        data=kw.pop("data", None) or TextFiles(train_data_path=corpus, val_split_fraction=0.15, seed=3),
         train=kw.pop("train", train),
         eval=kw.pop("eval", EvalArgs(interval=None, max_iters=2, final_validation=False)),
         optimizer=OptimizerArgs(lr=1e-2),

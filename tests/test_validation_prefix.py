@@ -24,9 +24,10 @@ from litliger.cli import main as cli_main
 from litliger.data import Instructions, TextFiles, Tokenizer
 from litliger.data.base import rank_share
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs
+from litliger.engine import next_token_loss as instruction_loss
 from litliger.engine.loop import validation_sums
 from litliger.eval.evaluate import main as evaluate
-from litliger.recipes.finetune import instruction_loss, response_tokens
+from litliger.recipes.finetune import response_tokens
 from litliger.recipes.pretrain import setup as pretrain
 
 

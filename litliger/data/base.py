@@ -23,6 +23,7 @@ the loss, are then those of one process, whatever the world size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
@@ -84,6 +85,15 @@ class DataModule(ABC):
     def train_tokenizer(self, vocab_size: int) -> Tokenizer:
         """The tokenizer a run uses when none is given: a byte-level BPE trained on this data (cached)."""
         return Tokenizer.train_bpe(self.training_files(), vocab_size=vocab_size)
+
+    def document_eos(self) -> int | None:
+        """The token that ends every document of the stream when the module's ``document_mask`` is on (its
+        batches then carry document ids), else None. A module without the field never masks."""
+        if not getattr(self, "document_mask", False):
+            return None
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__}.connect(tokenizer, batch_size, max_seq_length) was not called.")
+        return self.tokenizer.eos_id
 
 
 # --- the run record: what a checkpoint says about the data it was validated on (RUN_FILE) -------------------
@@ -173,9 +183,38 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def collate_tokens(items: list[np.ndarray]) -> torch.Tensor:
-    """Stack token blocks (stored as uint16/int32 to halve the disk) into an int64 batch."""
-    return torch.from_numpy(np.stack(items).astype(np.int64))
+def eos_document_ids(blocks: np.ndarray, eos_id: int) -> np.ndarray:
+    """(B, T) document ids of the inputs ``blocks[:, :-1]`` of (B, T + 1) token blocks cut from an EOS-separated
+    stream: an EOS is the last token of its document, so a position's id is the number of EOS before it in its
+    row (the first, partial document of a block is 0). An EOS input still predicts the next document's first
+    token: the targets are those of the unmasked stream, only attention and positions change."""
+    ends = blocks[:, :-1] == eos_id
+    return (np.cumsum(ends, axis=1) - ends).astype(np.int64)
+
+
+def collate_tokens(items: list[np.ndarray], eos_id: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Stack token blocks (stored as uint16/int32 to halve the disk) into an int64 batch (B, T + 1); with
+    ``eos_id`` (document masking) ``{"tokens": batch, "document_ids": (B, T)}``."""
+    return token_batch(np.stack(items), eos_id)
+
+
+def token_batch(blocks: np.ndarray, eos_id: int | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A (B, T + 1) block array as the batch the engine takes: an int64 tensor, or with ``eos_id`` the tokens
+    and their document ids (see :func:`eos_document_ids`)."""
+    tokens = torch.from_numpy(blocks.astype(np.int64, copy=False))
+    if eos_id is None:
+        return tokens
+    return {"tokens": tokens, "document_ids": torch.from_numpy(eos_document_ids(blocks, eos_id))}
+
+
+def batch_inputs(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, document_ids or None) of any batch a data module gives: token blocks (B, T + 1), alone
+    or as ``{"tokens", "document_ids"}``, or instruction batches ``{"input_ids", "targets"[, "document_ids"]}``."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:], None
+    if "tokens" in batch:
+        return batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch.get("document_ids")
+    return batch["input_ids"], batch["targets"], batch.get("document_ids")
 
 
 def stack_stored(items: list[np.ndarray]) -> np.ndarray:
@@ -303,11 +342,14 @@ def token_train_loader(
     num_workers: int,
     fingerprint: str,
     what: str,
-    collate: Callable[[list[np.ndarray]], Any] = collate_tokens,
+    eos_id: int | None = None,
+    collate: Callable[[list[np.ndarray]], Any] | None = None,
     **remote,
 ) -> ResumableLoader:
-    """The exactly resumable training loader over prepared shards; an error when no full batch fits."""
+    """The exactly resumable training loader over prepared shards; an error when no full batch fits. With
+    ``eos_id`` its batches carry document ids (document masking); ``collate`` replaces the batching."""
     dataset = token_dataset(input_dir, block=block, shuffle=True, seed=seed, **remote)
+    collate = collate or functools.partial(collate_tokens, eos_id=eos_id)  # a partial: workers pickle it
     loader = ResumableLoader(dataset, batch_size, num_workers, fingerprint, collate)
     if len(loader) == 0:
         samples = total_samples(loader.dataset, block)
@@ -330,10 +372,10 @@ def total_samples(dataset: StreamingDataset, block: int) -> int:
 
 
 def token_val_loader(
-    input_dir: str, *, block: int, batch_size: int, num_workers: int, what: str, **remote
+    input_dir: str, *, block: int, batch_size: int, num_workers: int, what: str, eos_id: int | None = None, **remote
 ) -> StreamingDataLoader:
     """The validation loader over prepared shards (not shuffled): every sample, the last batch possibly smaller,
-    and the whole split on every rank (see `rank_share`)."""
+    and the whole split on every rank (see `rank_share`); with ``eos_id``, batches with document ids."""
     dataset = token_dataset(input_dir, block=block, shuffle=False, **remote)
     if total_samples(dataset, block) == 0:
         raise ValueError(
@@ -342,7 +384,8 @@ def token_val_loader(
         )
     # litdata reads the distributed environment when the dataset is built and would give each rank a part
     dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
-    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_tokens)
+    collate = functools.partial(collate_tokens, eos_id=eos_id)
+    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
 
 
 def rank_share(loader: Iterable, max_batches: int | None, rank: int, world_size: int) -> Iterator[tuple[Any, bool]]:

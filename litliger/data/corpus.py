@@ -174,6 +174,7 @@ class TokenCorpus(DataModule):
         return token_train_loader(
             str(entry / "train"), block=self.max_seq_length + 1, batch_size=self.batch_size, seed=self.seed,
             num_workers=self.num_workers, fingerprint=entry.name, what=f"the training data of {self._roots()[0][0]}",
+            eos_id=self.document_eos(),
         )  # fmt: skip
 
     def val_dataloader(self):  # noqa: ANN201 (a StreamingDataLoader or None)
@@ -183,6 +184,7 @@ class TokenCorpus(DataModule):
         return token_val_loader(
             str(entry / "val"), block=self.max_seq_length + 1, batch_size=self.batch_size,
             num_workers=self.num_workers, what=f"the validation data of {self._roots()[0][0]}",
+            eos_id=self.document_eos(),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- corpus
@@ -393,6 +395,8 @@ class Corpus(TokenCorpus):
             (SHA-256 of every byte); see ``litliger/data/identity.py``.
         cache_dir: where prepared data is cached; default ``<cache root>/data``.
         reset: on resume, ignore the checkpoint's data position and start this data from its beginning.
+        document_mask: batches carry document ids from the EOS that ends every document: no attention across
+            documents, positions restart at each (litliger/model/documents.py). Off by default.
     """
 
     path: str | Path
@@ -406,6 +410,7 @@ class Corpus(TokenCorpus):
     verify: str = "fast"
     cache_dir: Path | None = None
     reset: bool = False
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         self._check()

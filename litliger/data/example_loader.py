@@ -54,13 +54,39 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
-def fingerprint(examples: Sequence[Example]) -> str:
-    """A short hash of the examples' ids and target masks, in order: a resume notices changed data."""
+def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``{"input_ids", "targets", "document_ids"}`` (B, T) of packed rows, T ``width`` (default: the
+    longest row). A fixed width keeps every batch one shape: compiled attention then never recompiles."""
+    width = width or max(sum(len(e.ids) - 1 for e in row) for row in rows)
+    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    documents = np.empty((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, (ids, trained) in enumerate(row):
+            n = len(ids) - 1
+            inputs[r, at : at + n] = ids[:-1]
+            targets[r, at : at + n] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+            documents[r, at : at + n] = doc
+            at += n
+        documents[r, at:] = len(row)  # the padding is a document of its own
+    return {
+        "input_ids": torch.from_numpy(inputs),
+        "targets": torch.from_numpy(targets),
+        "document_ids": torch.from_numpy(documents),
+    }
+
+
+def fingerprint(examples: Sequence[Example], rows: Sequence[Sequence[int]] | None = None) -> str:
+    """A short hash of the examples' ids and target masks, in order (and of the packed rows): a resume notices
+    changed data."""
     digest = hashlib.sha256()
     for ids, trained in examples:
         digest.update(np.int64(len(ids)).tobytes())
         digest.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         digest.update(np.packbits(trained).tobytes())
+    for row in rows or ():
+        digest.update(np.asarray([-1, *row], dtype=np.int64).tobytes())
     return digest.hexdigest()[:24]
 
 
@@ -76,6 +102,11 @@ class ExampleLoader:
 
     `shuffle=True, drop_last=True` is the training loader (exactly resumable); `shuffle=False,
     drop_last=False` the validation loader. `rank` / `world_size` default to torch.distributed's.
+
+    With ``rows`` (lists of example indices, ``packing.pack``) the loader deals out packed rows instead of
+    examples: every rule above applies to rows, and a batch carries ``document_ids`` (``collate_packed``), all
+    batches ``row_width`` wide when it is given.
+    An epoch is still one pass over the examples, each in its row.
     """
 
     def __init__(
@@ -89,6 +120,8 @@ class ExampleLoader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        rows: Sequence[Sequence[int]] | None = None,
+        row_width: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -98,6 +131,14 @@ class ExampleLoader:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}.")
         self.examples = examples
+        self.rows, self.row_width = rows, row_width
+        if rows is not None and row_width is not None:
+            for r, row in enumerate(rows):
+                if (n := sum(len(examples[i].ids) - 1 for i in row)) > row_width:
+                    raise ValueError(
+                        f"packed row {r} holds {n} positions, more than max_seq_length={row_width}; pack with "
+                        "litliger.data.packing.pack(lengths, max_seq_length)"
+                    )
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.shuffle = shuffle
@@ -111,17 +152,22 @@ class ExampleLoader:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.examples)
+            self._fingerprint = fingerprint(self.examples, self.rows)
         return self._fingerprint
+
+    @property
+    def units(self) -> int:
+        """What the loader deals out: examples, or packed rows."""
+        return len(self.examples) if self.rows is None else len(self.rows)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank, the same on every rank."""
-        share = len(self.examples) // self.world_size
+        share = self.units // self.world_size
         return share // self.batch_size if self.drop_last else math.ceil(share / self.batch_size)
 
     def _share(self, epoch: int) -> np.ndarray:
-        """This rank's example indices for `epoch`, in order."""
-        n = len(self.examples)
+        """This rank's example (or row) indices for `epoch`, in order."""
+        n = self.units
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         used = len(self) * self.batch_size * self.world_size if self.drop_last else n - n % self.world_size
         return order[:used][self.rank :: self.world_size]
@@ -133,10 +179,28 @@ class ExampleLoader:
         self._restored = False
         share = self._share(self.epoch)
         for b in range(self._batches_in_epoch, len(self)):
-            chosen = share[b * self.batch_size : (b + 1) * self.batch_size]
-            batch = collate([self.examples[i] for i in chosen], self.pad_id)
+            batch = self._collate(share[b * self.batch_size : (b + 1) * self.batch_size])
             self._batches_in_epoch = b + 1  # counted before the yield: a consumed batch is in the state
             yield batch
+
+    def _collate(self, chosen: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.rows is None:
+            return collate([self.examples[i] for i in chosen], self.pad_id)
+        rows = [[self.examples[i] for i in self.rows[r]] for r in chosen]
+        return collate_packed(rows, self.pad_id, self.row_width)
+
+    def padding_fraction(self, epoch: int = 1) -> float:
+        """The share of the positions of this rank's batches of ``epoch`` that are padding (not any example's)."""
+        lengths = np.array([len(e.ids) - 1 for e in self.examples], dtype=np.int64)
+        if self.rows is not None:
+            lengths = np.array([lengths[list(row)].sum() for row in self.rows], dtype=np.int64)
+        share = self._share(epoch)
+        used = padded = 0
+        for b in range(len(self)):
+            widths = lengths[share[b * self.batch_size : (b + 1) * self.batch_size]]
+            used += int(widths.sum())
+            padded += (self.row_width if self.rows is not None and self.row_width else int(widths.max())) * len(widths)
+        return 1.0 - used / padded if padded else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -26,6 +26,7 @@ import numpy as np
 
 from litliger.data.base import DataModule
 from litliger.data.example_loader import Example, ExampleLoader
+from litliger.data.packing import pack
 from litliger.data.prompts import (
     STYLE_NAMES,
     PromptStyle,
@@ -36,6 +37,7 @@ from litliger.data.prompts import (
 )
 from litliger.data.tokenizer import Tokenizer
 
+_PACKING_STREAM = 0x7061636B  # the packing order's seed stream, apart from the split's and the epochs'
 _FIX_RECORD = 'give {"instruction", "input" (optional), "output"} or {"messages": [{"role", "content"}, ...]}'
 
 
@@ -188,6 +190,10 @@ class Instructions(DataModule):
         num_workers: accepted for configs shared with TextFiles; batches are collated in memory, in the main
             process, so there is nothing for workers to do.
         group_by: a record field (e.g. a source file) whose records stay on one side of the split.
+        packing: pack the training examples into rows of max_seq_length positions, each example its own
+            document (no attention across examples, positions restart), instead of padding every batch to its
+            longest example (litliger/data/packing.py). Validation batches stay unpacked, so val_loss is
+            comparable between packed and unpacked runs.
     """
 
     json_path: Path
@@ -197,6 +203,7 @@ class Instructions(DataModule):
     seed: int = 42
     num_workers: int = 0
     group_by: str | None = None
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.json_path is not None:
@@ -215,6 +222,7 @@ class Instructions(DataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self.records: dict[str, list[Record]] = {}  # per split, after setup (e.g. prompts to sample from)
         self._examples: dict[str, list[Example]] | None = None
+        self._rows: list[list[int]] | None = None  # the packed training rows, after setup
 
     def select_prompt_style(self, tokenizer_dir: Path | None) -> PromptStyle:
         """Resolve `prompt_style` against the tokenizer folder of the base model; the recipe saves the result."""
@@ -256,17 +264,43 @@ class Instructions(DataModule):
                 f"training examples of {self.source()} lose every response token when cut to "
                 f"{self.max_seq_length + 1} tokens; raise --train.max_seq_length or use shorter records."
             )
+        self._rows = self.packed_rows() if self.packing else None
         if self.num_workers:
             warnings.warn(f"{type(self).__name__} collates in memory: num_workers is ignored.", stacklevel=2)
 
+    def packed_rows(self) -> list[list[int]]:
+        """The training examples packed into rows of max_seq_length positions: indices into
+        ``examples("train")``, packed in an order shuffled by ``seed`` (``packing.pack``)."""
+        examples = self.examples("train")
+        order = np.random.default_rng([self.seed, _PACKING_STREAM]).permutation(len(examples))
+        rows = pack([len(examples[i].ids) - 1 for i in order], self.max_seq_length)
+        return [[int(order[j]) for j in row] for row in rows]
+
     def train_dataloader(self) -> ExampleLoader:
-        loader = ExampleLoader(self.examples("train"), self.batch_size, self._pad_id(), seed=self.seed)
+        loader = self._train_loader(self._rows)
         if len(loader) == 0:
+            what = f"{len(loader.rows)} packed rows" if loader.rows is not None else "training examples"
             raise ValueError(
-                f"The {len(loader.examples)} training examples give no full batch of {self.batch_size} on each of "
+                f"The {len(loader.examples)} {what} give no full batch of {self.batch_size} on each of "
                 f"{loader.world_size} ranks: lower batch_size or add records."
             )
         return loader
+
+    def _train_loader(self, rows: list[list[int]] | None) -> ExampleLoader:
+        return ExampleLoader(
+            self.examples("train"), self.batch_size, self._pad_id(), seed=self.seed, rows=rows,
+            row_width=self.max_seq_length,  # packed rows: one shape for every batch
+        )  # fmt: skip
+
+    def padding_report(self) -> str:
+        """One line: the share of padding in the first epoch's training batches, unpacked and packed."""
+        rows = self._rows if self._rows is not None else self.packed_rows()
+        unpacked, packed = self._train_loader(None), self._train_loader(rows)
+        return (
+            f"padding: {unpacked.padding_fraction():.1%} of the positions of unpacked batches, "
+            f"{packed.padding_fraction():.1%} packed ({len(unpacked.examples)} examples in {len(rows)} rows of "
+            f"<= {self.max_seq_length}); this run " + ("packs" if self.packing else "pads (--data.packing true packs)")
+        )
 
     def val_dataloader(self) -> ExampleLoader | None:
         examples = self.examples("val")

@@ -34,6 +34,7 @@ from litliger.data.base import (
     ResumableLoader,
     infinite_batches,
     stack_stored,
+    token_batch,
     token_train_loader,
     token_val_loader,
 )
@@ -107,6 +108,8 @@ class Mixture(DataModule):
         cache_dir: where Corpus sources are prepared; default ``<cache root>/data``.
         max_cache_size: local cache bound for each remote source.
         reset: on resume, ignore the checkpoint's data position and start this mixture from its beginning.
+        document_mask: batches carry document ids from the EOS that ends every document: no attention across
+            documents, positions restart at each (litliger/model/documents.py). Off by default.
     """
 
     sources: list[Source | dict[str, Any]] = field(default_factory=list)
@@ -118,6 +121,7 @@ class Mixture(DataModule):
     cache_dir: Path | None = None
     max_cache_size: str = "10GB"
     reset: bool = False
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -204,7 +208,9 @@ class Mixture(DataModule):
                     **streams["options"],
                 )
             )
-        return MixtureLoader(self.sources, loaders, seed=self.seed, tokens_per_sample=self.max_seq_length)
+        return MixtureLoader(
+            self.sources, loaders, seed=self.seed, tokens_per_sample=self.max_seq_length, eos_id=self.document_eos()
+        )
 
     def val_dataloader(self) -> dict[str, Any] | None:
         """One validation loader per source that has a validation split (None when none has)."""
@@ -215,7 +221,7 @@ class Mixture(DataModule):
                 loaders[s.name] = token_val_loader(
                     streams["val"], block=self.max_seq_length + 1, batch_size=self.batch_size,
                     num_workers=self.num_workers, what=f"the validation data of source {s.name!r}",
-                    **streams["options"],
+                    eos_id=self.document_eos(), **streams["options"],
                 )  # fmt: skip
         return loaders or None
 
@@ -230,9 +236,15 @@ class MixtureLoader:
     """Endless batches drawn from several exactly resumable loaders by weight (module docstring)."""
 
     def __init__(
-        self, sources: list[Source], loaders: list[ResumableLoader], *, seed: int, tokens_per_sample: int
+        self,
+        sources: list[Source],
+        loaders: list[ResumableLoader],
+        *,
+        seed: int,
+        tokens_per_sample: int,
+        eos_id: int | None = None,
     ) -> None:
-        self.sources, self.loaders, self.seed = sources, loaders, seed
+        self.sources, self.loaders, self.seed, self.eos_id = sources, loaders, seed, eos_id
         self.tokens_per_sample = tokens_per_sample
         weights = np.array([float(s.weight) for s in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
@@ -296,7 +308,7 @@ class MixtureLoader:
                     batch[np.flatnonzero(picks == s)] = rows
                 self.consumed[s] += c
             self.position += self.batch_size
-            yield torch.from_numpy(batch)
+            yield token_batch(batch, self.eos_id)  # with eos_id: and its document ids
 
     def metrics(self) -> dict[str, float]:
         """Per source: tokens taken so far (all ranks) and epochs of it seen (``tokens/<name>``, ``epochs/<name>``)."""

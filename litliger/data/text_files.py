@@ -31,6 +31,8 @@ class TextFiles(TokenCorpus):
         cache_dir: where prepared data is cached; default `<cache root>/data`, the root being
             `$LITLIGER_CACHE` or `~/.cache/litliger`.
         reset: on resume, ignore the checkpoint's data position and start this data from its beginning.
+        document_mask: batches carry document ids from the EOS that ends every document: no attention across
+            documents, positions restart at each (litliger/model/documents.py). Off by default.
     """
 
     train_data_path: Path
@@ -42,6 +44,7 @@ class TextFiles(TokenCorpus):
     num_proc: int | None = None
     cache_dir: Path | None = None
     reset: bool = False
+    document_mask: bool = False
     _text_only = True
 
     def __post_init__(self) -> None:

@@ -53,6 +53,8 @@ class TokenShards(DataModule):
         cache_dir: local folder for downloaded chunks of remote shards (default: litdata's).
         max_cache_size: how much of a remote dataset the local cache may hold, e.g. "10GB".
         reset: on resume, ignore the checkpoint's data position and start this data from its beginning.
+        document_mask: batches carry document ids from the EOS that ends every document: no attention across
+            documents, positions restart at each (litliger/model/documents.py). Off by default.
     """
 
     path: str
@@ -63,6 +65,7 @@ class TokenShards(DataModule):
     cache_dir: str | None = None
     max_cache_size: str = "10GB"
     reset: bool = False
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
@@ -147,7 +150,7 @@ class TokenShards(DataModule):
         return token_train_loader(
             layout["train"], block=self.max_seq_length + 1, batch_size=self.batch_size, seed=self.seed,
             num_workers=self.num_workers, fingerprint=layout["fingerprint"], what=f"the shards in {layout['train']}",
-            **self.remote_options(),
+            eos_id=self.document_eos(), **self.remote_options(),
         )  # fmt: skip
 
     def val_dataloader(self):  # noqa: ANN201 (a StreamingDataLoader or None)
@@ -156,5 +159,5 @@ class TokenShards(DataModule):
             return None
         return token_val_loader(
             val, block=self.max_seq_length + 1, batch_size=self.batch_size, num_workers=self.num_workers,
-            what=f"the shards in {val}", **self.remote_options(),
+            what=f"the shards in {val}", eos_id=self.document_eos(), **self.remote_options(),
         )  # fmt: skip

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint.layout import FINAL_DIR, step_dir
-from ..data.base import rank_share
+from ..data.base import batch_inputs, rank_share
 from ..model.config import Config, flops_per_token
 from ..model.parallelize import unwrap
 from .args import EvalArgs, TrainArgs
@@ -34,14 +34,19 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 CountFn = Callable[[Batch], "int | torch.Tensor"]
 
 
-def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Pretraining loss: a (B, T + 1) token batch predicts tokens 1..T from 0..T-1 (fused loss in the model)."""
-    return model(batch[:, :-1], targets=batch[:, 1:], reduction="sum")
+def next_token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The summed next-token loss of any data module's batch (``litliger.data.base.batch_inputs``): a (B, T + 1)
+    token block predicts tokens 1..T from 0..T-1, an instruction batch its targets != -100; with document ids
+    the model masks attention between documents. The fused loss is in the model."""
+    idx, targets, document_ids = batch_inputs(batch)
+    return model(idx, targets=targets, reduction="sum", document_ids=document_ids)
 
 
-def next_token_count(batch: torch.Tensor) -> int:
-    """Target tokens of a (B, T + 1) pretraining batch: B x T, the same for every batch (no host sync)."""
-    return batch.shape[0] * (batch.shape[1] - 1)
+def next_token_count(batch: Batch) -> int:
+    """Target tokens of a pretraining batch (B, T + 1), or ``{"tokens", "document_ids"}``: B x T, the same for
+    every batch (no host sync)."""
+    tokens = batch["tokens"] if isinstance(batch, dict) else batch
+    return tokens.shape[0] * (tokens.shape[1] - 1)
 
 
 @dataclass

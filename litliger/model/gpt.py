@@ -17,7 +17,8 @@ from ..kernels import fused_linear_cross_entropy
 from ..nn import Embedding, GeGLUMLP, GeluMLP, LayerNorm, Linear, RMSNorm, RotaryEmbedding, SwiGLUMLP, init
 from ..nn.recompute import recomputed
 from .config import Config
-from .kv_cache import CachedStep, KVCache, cached_step
+from .documents import attend, check_document_ids, document_step
+from .kv_cache import KVCache, Step, cached_step
 
 
 def build_norm(config: Config, size: int) -> RMSNorm | LayerNorm:
@@ -52,7 +53,7 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None  # set for decoding by GPT.set_kv_cache
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: CachedStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: Step | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split((self.n_head * hs, self.n_kv * hs, self.n_kv * hs), dim=-1)
@@ -68,14 +69,17 @@ class CausalSelfAttention(nn.Module):
                 # q and k are new tensors now; a view of v would keep the whole qkv output alive for backward
                 v = v.contiguous()
             mask = self._mask(T, q.device)
-        else:  # decoding: this step's positions, then attend to every cached slot so far
-            if step.cos is not None and self.rotary:
-                q, k = step.rotate(q, k)
+            y = F.scaled_dot_product_attention(
+                q, k, v, **mask, scale=1.0 / math.sqrt(hs), enable_gqa=self.n_kv != self.n_head
+            )  # (B, nh, T, hs)
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
+        # this step's positions: per document (document masking), or cache slots (decoding)
+        if step.cos is not None and self.rotary:
+            q, k = step.rotate(q, k)
+            v = v.contiguous() if step.start is None else v  # as above
+        if step.start is not None:  # decoding: attend to every cached slot so far
             k, v = self.kv_cache.update(step.start, k, v)  # (B, n_kv, start + T, hs)
-            mask = step.mask
-        y = F.scaled_dot_product_attention(
-            q, k, v, **mask, scale=1.0 / math.sqrt(hs), enable_gqa=self.n_kv != self.n_head
-        )  # (B, nh, T, hs)
+        y = attend(q, k, v, step.mask, 1.0 / math.sqrt(hs))  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * hs))
 
     def _mask(self, T: int, device: torch.device) -> dict:
@@ -98,7 +102,7 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config, config.n_embd)
         self.mlp = build_mlp(config)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: CachedStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: Step | None = None) -> torch.Tensor:
         # Each norm's output is rebuilt from its input in backward, not held (litliger/nn/recompute.py).
         h = self.norm_1(x)
         with recomputed(h, self.norm_1.recompute_fn(x)):
@@ -200,33 +204,47 @@ class GPT(nn.Module):
         return None if cache is None else cache.max_seq_length
 
     def hidden_states(
-        self, idx: torch.Tensor, *, input_pos: int | None = None, left_pad: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        *,
+        input_pos: int | None = None,
+        left_pad: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T); with ``input_pos`` (and, for
-        left-padded rows, ``left_pad`` (B,)) through the KV cache, see :meth:`forward`."""
+        left-padded rows, ``left_pad`` (B,)) through the KV cache, with ``document_ids`` document-masked: see
+        :meth:`forward`."""
         B, T = idx.shape
+        if document_ids is not None and input_pos is not None:
+            raise ValueError(
+                "document_ids are for training forwards; a KV-cache forward (input_pos) decodes one sequence per "
+                "row: leave document_ids out"
+            )
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.scale_embeddings:
             # Gemma scales by sqrt(C) rounded to the activation dtype
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-        if input_pos is None:
-            if T > self.max_seq_length:
-                raise ValueError(f"sequence length {T} exceeds max_seq_length={self.max_seq_length}")
+        if input_pos is None and T > self.max_seq_length:
+            raise ValueError(f"sequence length {T} exceeds max_seq_length={self.max_seq_length}")
+        if input_pos is None and document_ids is None:
             if "wpe" in self.transformer:
                 x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
             for block in self.transformer.h:
                 x = block(x, self.rope)
             return self.transformer.ln_f(x)
-        step = self._cached_step(B, T, input_pos, left_pad, idx.device)
+        if document_ids is not None:
+            check_document_ids(document_ids, idx)
+            tables = (self.rope.cos, self.rope.sin) if self.rope is not None else None
+            step = document_step(document_ids, sliding_window=self.config.sliding_window, rope_tables=tables)
+        else:
+            step = self._cached_step(B, T, input_pos, left_pad, idx.device)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(step.positions)
         for block in self.transformer.h:
             x = block(x, self.rope, step)
         return self.transformer.ln_f(x)
 
-    def _cached_step(
-        self, B: int, T: int, input_pos: int, left_pad: torch.Tensor | None, device: torch.device
-    ) -> CachedStep:
+    def _cached_step(self, B: int, T: int, input_pos: int, left_pad: torch.Tensor | None, device: torch.device) -> Step:
         cache = self.transformer.h[0].attn.kv_cache
         if cache is None:
             raise ValueError("input_pos needs a KV cache: call set_kv_cache(batch_size, max_seq_length) first")
@@ -248,6 +266,7 @@ class GPT(nn.Module):
         input_pos: int | None = None,
         left_pad: torch.Tensor | None = None,
         last_only: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, padded_vocab), or with ``targets`` the cross-entropy over targets != -100
         (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``). ``last_only``: the
@@ -257,8 +276,13 @@ class GPT(nn.Module):
         With ``input_pos`` (an int) the T tokens are the cache slots input_pos..input_pos+T-1: their keys and
         values are stored, and they attend to every earlier slot (the prompt in one forward, then one token
         per call). ``left_pad`` (B,) is the number of padding slots at the start of each row.
+
+        ``document_ids`` (B, T), integers non-decreasing along each row: several documents per row (packed
+        examples, or a pretraining block across EOS boundaries). A position attends only to earlier positions
+        of its own document, and positions restart at 0 at each document start (litliger/model/documents.py).
+        Without them the forward is exactly the plain causal one.
         """
-        x = self.hidden_states(idx, input_pos=input_pos, left_pad=left_pad)
+        x = self.hidden_states(idx, input_pos=input_pos, left_pad=left_pad, document_ids=document_ids)
         if last_only and targets is None:
             x = x[:, -1:]
         weight, bias = self.head()

@@ -14,6 +14,7 @@ mask over the slots (every slot is kept), so the cache is as long as the convers
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,14 +51,15 @@ class KVCache:
 
 
 @dataclass
-class CachedStep:
-    """What every layer of one cached forward shares (built once per forward by ``cached_step``)."""
+class Step:
+    """What every layer of one forward with explicit positions shares, built once per forward: by
+    ``cached_step`` for a cached forward, by ``documents.document_step`` for a document-masked one."""
 
-    start: int  # the cache slot of the first token
-    positions: torch.Tensor  # (T,) or, with left padding, (B, T): token positions (rotary, learned)
+    start: int | None  # the cache slot of the first token; None: no cache (document masking)
+    positions: torch.Tensor  # (T,) or, per row, (B, T): token positions (rotary, learned)
     cos: torch.Tensor | None  # (T, r) or (B, T, r): rotary tables at ``positions``; None without rotary
     sin: torch.Tensor | None
-    mask: dict  # scaled_dot_product_attention's mask arguments for the slots 0..start+T-1
+    mask: Any  # scaled_dot_product_attention's mask arguments (a dict), or a FlexAttention BlockMask
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary embedding of q (B, nh, T, hs) and k (B, n_kv, T, hs) at this step's positions."""
@@ -80,14 +82,14 @@ def cached_step(
     sliding_window: int | None,
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None,
     device: torch.device,
-) -> CachedStep:
+) -> Step:
     """The positions, rotary rows and mask of T tokens written at cache slots start..start+T-1."""
     slots = torch.arange(start, start + T, device=device)
     positions = slots if left_pad is None else (slots[None, :] - left_pad[:, None]).clamp(min=0)  # (T,) | (B, T)
     cos = sin = None
     if rope_tables is not None:
         cos, sin = rope_tables[0][positions], rope_tables[1][positions]
-    return CachedStep(start, positions, cos, sin, attention_mask(start, T, left_pad, sliding_window, device))
+    return Step(start, positions, cos, sin, attention_mask(start, T, left_pad, sliding_window, device))
 
 
 def attention_mask(

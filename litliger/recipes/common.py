@@ -17,6 +17,7 @@ from ..engine import Progress, load_training_state, reshard
 from ..inference.generate import complete, respond
 from ..inference.sampling import SampleArgs
 from ..model.config import Config
+from ..model.documents import attention_path
 
 
 def resolve_tokenizer(
@@ -77,6 +78,11 @@ def data_loaders(
     entry and keep the first: entries are content-addressed and published atomically).
     """
     data.connect(tokenizer, batch_size=batch_size, max_seq_length=seq_len)
+    if data.document_eos() is not None or getattr(data, "packing", False):
+        with torch.enable_grad():  # training's attention path; refused now, before any work, when it cannot train
+            path = attention_path(fabric.device)
+        what = "packed examples" if getattr(data, "packing", False) else "documents (split at EOS)"
+        fabric.print(f"document masking: attention stays inside {what}, positions restart at each ({path} attention)")
     with fabric.rank_zero_first(local=True):
         data.prepare_data()
     data.setup()

@@ -31,6 +31,7 @@ from ..engine import (
     fit,
     make_fabric,
     make_loggers,
+    next_token_loss,
     on_rank_zero,
     resolve_resume_on_all_ranks,
     setup_model,
@@ -155,11 +156,6 @@ def setup(
     )
 
 
-def instruction_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the response tokens (targets != -100) of a padded instruction batch."""
-    return model(batch["input_ids"], targets=batch["targets"], reduction="sum")
-
-
 def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["targets"] != -100).sum()
 
@@ -239,6 +235,7 @@ def main(
             fabric, data, tokenizer, batch_size=train.micro_batch_size, seq_len=seq_len, loader_state=loader_state
         )
         fabric.print(data.summary())
+        fabric.print(data.padding_report())
         total = train.finetune_steps(max(1, len(train_loader) // accum), train.global_batch_size * seq_len)
         if resume_dir is not None and (finished := finished_run(fabric, out_dir, resume_dir, total)) is not None:
             return finished  # nothing trains, nothing is written; no end-of-run answer either
@@ -273,7 +270,7 @@ def main(
                 signals=signals,
                 resumed_from=resume_dir,
                 trainable_only=True,
-                loss_fn=instruction_loss,
+                loss_fn=next_token_loss,
                 count_targets=response_tokens,
                 tokens_in=lambda batch: batch["input_ids"].numel(),
             ),

@@ -13,7 +13,7 @@ import lightning as L
 from ..checkpoint.checksums import verify_checksums
 from ..checkpoint.io import load_model_weights, read_config, write_model_files
 from ..checkpoint.layout import CONFIG_FILE, MODEL_FILE
-from ..data import DataModule, PythonStdlib, infinite_batches
+from ..data import DataModule, Instructions, PythonStdlib, infinite_batches
 from ..data.base import run_record, write_run_record
 from ..engine import (
     EvalArgs,
@@ -177,6 +177,12 @@ def main(
     sample: SampleArgs,
     compile: bool = False,
 ) -> Path:
+    if isinstance(data, Instructions):
+        raise ValueError(
+            f"pretraining reads token streams, and {type(data).__name__} is instruction data, in --data; finetune on "
+            "it with litliger finetune (--data.packing true packs it), or pretrain on TextFiles, Corpus, Mixture or "
+            "TokenShards (--data.document_mask true masks their documents)"
+        )
     seq_len = train.max_seq_length or config.block_size
     if seq_len > config.block_size:
         raise ValueError(
