@@ -12,6 +12,9 @@ the environment (``pip install -e .``) or from the same root. Each prints a tabl
     python -m benchmarks.data                `litliger prepare` against the tokenizer's limit and LitGPT's litdata
                                              path, loaders (litdata, Mixture, TokenShards), preparation RSS
     python -m benchmarks.finetune            LoRA against full finetuning: tokens/s, memory, optimizer state
+    python -m benchmarks.checkpointing       activation checkpointing modes: step time against none, bytes kept
+                                             per block and by op (+ PASS/FAIL)
+    python -m benchmarks.plan_table          the memory-plan table of tutorials/pretrain.md (traced, no GPU)
     python -m benchmarks.packing             packed against padded finetuning, document-masked against plain
                                              pretraining: target tokens/s, padding, peak memory (+ PASS/FAIL)
     python -m benchmarks.generate            decoding: KV cache, no cache and transformers.generate

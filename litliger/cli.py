@@ -42,6 +42,7 @@ def _commands() -> dict[str, Callable]:
     from .inference.generate import main as generate
     from .model.config import list_models
     from .recipes.finetune import setup as finetune
+    from .recipes.plan import main as plan
     from .recipes.prepare import main as prepare
     from .recipes.pretrain import setup as pretrain
     from .tools.plot import main as plot
@@ -59,6 +60,7 @@ def _commands() -> dict[str, Callable]:
         "upgrade_checkpoint": upgrade_checkpoint,
         "models": list_models,
         "plot": plot,
+        "plan": plan,
     }
 
 
@@ -88,7 +90,7 @@ def show_field_docs() -> None:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    argv = join_list_positional(sys.argv[1:] if argv is None else list(argv))
+    argv = bare_switches(join_list_positional(sys.argv[1:] if argv is None else list(argv)))
     show_field_docs()
     debug = bool(os.environ.get("LITLIGER_DEBUG"))
     errors = _user_errors()
@@ -138,6 +140,21 @@ def join_list_positional(argv: list[str]) -> list[str]:
     if not words or (len(words) == 1 and words[0].lstrip().startswith("[")):
         return argv
     return [argv[0], json.dumps(words), *flags]
+
+
+# Switches written alone (`litliger plan --json`): jsonargparse's bool flags take a value, so a bare one gets true.
+BARE_SWITCHES = {"plan": ("--json",)}
+
+
+def bare_switches(argv: list[str]) -> list[str]:
+    """``plan --config F --json`` -> ``plan --config F --json true`` (a value after the switch is kept)."""
+    switches = BARE_SWITCHES.get(argv[0], ()) if argv else ()
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in switches and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("true")
+    return out
 
 
 def close_process_group() -> None:

@@ -39,6 +39,11 @@ SHOWN = {
     "upgrade_checkpoint": [("checkpoint_dir", "a step-XXXXXXXX/ or final/ folder")],
     "plot": [("--x {steps,tokens}", "the x axis"), ("--smooth SMOOTH", "weight of the past")],
     "models": [("--name NAME", "show only the configs whose name contains")],
+    "plan": [
+        ("--plan.device_memory DEVICE_MEMORY", "the memory of one device"),
+        ("--train.activation_checkpointing ACTIVATION_CHECKPOINTING", "what blocks keep for backward"),
+        ("--json {true,false}", "print one JSON object instead of the table"),
+    ],
 }
 
 

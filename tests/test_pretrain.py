@@ -408,8 +408,10 @@ def test_cli_two_processes_init_and_resume(tmp_path, corpus, strategy):
     assert multi.returncode == 0, multi.stderr
     a, b = load_state_dict(tmp_path / "one" / "final"), load_state_dict(tmp_path / "two" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # exact resume with 2 processes: 4 steps straight vs 2 + resume + 2
-    two = ["--devices", "2", "--strategy", strategy]
+    # exact resume with 2 processes: 4 steps straight vs 2 + resume + 2, with activation checkpointing (DDP: per op,
+    # FSDP2: whole blocks, set before sharding)
+    checkpointing = {"ddp": "selective:op", "fsdp": "full"}[strategy]
+    two = ["--devices", "2", "--strategy", strategy, "--train.activation_checkpointing", checkpointing]
     straight = cli([*cli_args(tmp_path, corpus, tmp_path / "s", 4), *two, "--train.save_interval", "2"], env)
     assert straight.returncode == 0, straight.stderr
     resumed = cli(

@@ -13,11 +13,11 @@ recipes, inference or eval.
 """
 
 from ..model.parallelize import unwrap
-from .args import EvalArgs, OptimizerArgs, TrainArgs
+from .args import EvalArgs, OptimizerArgs, PlanArgs, TrainArgs
 from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
 from .metrics import make_loggers
 from .optim import build_optimizer, lr_at
-from .runtime import is_fsdp, make_fabric, reshard, setup_model
+from .runtime import check_memory_options, is_fsdp, make_fabric, reshard, setup_model
 from .session import training_session
 from .signals import RunInterrupted, StopSignals
 from .training_state import (
@@ -38,8 +38,10 @@ __all__ = [
     "FitSetup",
     "OptimizerArgs",
     "Progress",
+    "PlanArgs",
     "TrainArgs",
     "build_optimizer",
+    "check_memory_options",
     "check_resumable",
     "find_resume_checkpoint",
     "finished_run",

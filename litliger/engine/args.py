@@ -6,11 +6,25 @@ command before any data is prepared or any folder is written, with one line that
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from ..model.checkpointing import parse_checkpointing
 from ..util.checks import check_at_least, check_between, check_choice, check_positive, fail
 
 OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD")
+OFFLOAD_CHOICES = ("none", "activations", "params", "optimizer")
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str | int | float, where: str = "--plan.device_memory") -> int:
+    """``80GB``, ``79.6GiB``, ``1e9`` -> bytes."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{text!r} is not an amount of memory, in {where}; write e.g. 80GB or 79.6GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 @dataclass(frozen=True)
@@ -41,8 +55,17 @@ class TrainArgs:
     """keep only the newest K step checkpoints (null: all); final/ is always kept."""
     log_interval: int = 1
     """steps between metric lines (time-based saves are decided at these steps)."""
+    activation_checkpointing: str = "none"
+    """what blocks keep for backward: none, full (only block inputs), selective (= selective:2: every second
+    block full), selective:<k> (every k-th block full) or selective:op (keep matmul and attention outputs)."""
+    offload: str = "none"
+    """none, activations (saved tensors to pinned CPU memory; CUDA), or params / optimizer (FSDP2's CPU offload:
+    parameters, gradients and optimizer state live on the CPU and the optimizer steps there; CUDA, --strategy
+    fsdp)."""
 
     def __post_init__(self) -> None:
+        parse_checkpointing(self.activation_checkpointing)  # an unknown mode stops the command here
+        check_choice("train.offload", self.offload, OFFLOAD_CHOICES)
         check_positive("train.global_batch_size", self.global_batch_size, "set the sequences per optimizer step")
         check_positive("train.micro_batch_size", self.micro_batch_size, "set a positive number of sequences per device")
         if self.global_batch_size % self.micro_batch_size:
@@ -134,3 +157,17 @@ class OptimizerArgs:
             check_between("optimizer.betas", beta, 0, 1, "write e.g. [0.9, 0.95]", high_open=True)
         check_positive("optimizer.eps", self.eps, "set a small positive number, e.g. 1e-8")
         check_between("optimizer.momentum", self.momentum, 0, 1, "use e.g. 0.9", high_open=True)
+
+
+@dataclass(frozen=True)
+class PlanArgs:
+    """``--plan.*``: the memory plan printed at the start of a run (and by ``litliger plan``)."""
+
+    device_memory: str | None = None
+    """the memory of one device, e.g. 80GB or 79.6GiB (default: the visible GPU's; none on a CPU)."""
+    strict: bool = False
+    """refuse to start a run whose plan does not fit device_memory (default: a warning with the numbers)."""
+
+    def __post_init__(self) -> None:
+        if self.device_memory is not None and parse_bytes(self.device_memory) <= 0:
+            fail("plan.device_memory", self.device_memory, "a positive amount", "write e.g. 80GB", None)

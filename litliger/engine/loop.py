@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import time
@@ -19,6 +20,7 @@ from ..checkpoint.layout import FINAL_DIR, step_dir
 from ..data.base import batch_inputs, rank_share
 from ..model.config import Config, flops_per_token
 from ..model.parallelize import unwrap
+from ..nn.recompute import offloaded_activations
 from .args import EvalArgs, TrainArgs
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
@@ -246,7 +248,8 @@ class _Run:
         step_tokens = 0
         for micro, batch in enumerate(micro_batches):
             step_tokens += setup.tokens_in(batch)
-            with fabric.no_backward_sync(model, enabled=micro < self.accum - 1):
+            offload = offloaded_activations() if self.train.offload == "activations" else contextlib.nullcontext()
+            with fabric.no_backward_sync(model, enabled=micro < self.accum - 1), offload:
                 loss = setup.loss_fn(model, batch)
                 fabric.backward(loss * scale)
             self.loss_sum += loss.detach().double()

@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 
+from ..model.checkpointing import apply_activation_checkpointing
 from ..model.parallelize import parallelize, unwrap
 from ..nn.init import assert_replicas_identical, init_weights
 
@@ -159,6 +160,8 @@ def setup_model(
     resuming: bool,
     load: Callable[[nn.Module], None] | None = None,
     compile: bool = False,
+    checkpointing: str = "none",
+    offload: str = "none",
 ) -> nn.Module:
     """Build, shard (FSDP), materialise, initialise and load a model; returns it set up by Fabric.
 
@@ -166,13 +169,17 @@ def setup_model(
     fills the materialised, initialised model from files (shard-aware). ``resuming``: every parameter
     comes from ``load``, so only buffers are initialised. ``compile``: ``torch.compile`` the model in place
     (``Module.compile``: parameter names, and so checkpoints, unchanged); litliger's fused ops are custom ops
-    that it traces through (litliger/kernels/_custom_ops.py).
+    that it traces through (litliger/kernels/_custom_ops.py). ``checkpointing``: the activation checkpointing
+    mode (model/checkpointing.py), set on the blocks before sharding; ``offload`` "params"/"optimizer": FSDP2's
+    CPU offload (``check_memory_options`` has refused it where it cannot work).
     """
     with torch.device("meta"):
         model = build()
+    apply_activation_checkpointing(model, checkpointing)
     if is_fsdp(fabric):
         bf16_mixed = fabric.litliger_precision == "bf16-mixed"
-        parallelize(model, fabric.strategy.device_mesh["data_parallel"], torch.bfloat16 if bf16_mixed else None)
+        mesh = fabric.strategy.device_mesh["data_parallel"]
+        parallelize(model, mesh, torch.bfloat16 if bf16_mixed else None, cpu_offload=offload in ("params", "optimizer"))
     elif fabric.litliger_precision in ("bf16-true", "16-true"):
         model.to(torch.bfloat16 if fabric.litliger_precision == "bf16-true" else torch.float16)
     model.to_empty(device=fabric.device)
@@ -186,6 +193,30 @@ def setup_model(
     if compile:
         model.compile()
     return fabric.setup_module(model)
+
+
+def check_memory_options(fabric: L.Fabric, offload: str, checkpointing: str, compile: bool) -> None:
+    """Refuse, before any work, ``--train.offload`` where there is nothing to offload to or no mechanism to do it,
+    and ``--compile`` with activation checkpointing."""
+    if compile and checkpointing != "none":
+        # inductor (torch 2.14) fails on the checkpointed blocks' backward ("Node _unsafe_masked_index_put_accumulate
+        # was invalid, but is output"); eager checkpointing and compile without it both work
+        raise ValueError(
+            f"--compile cannot be combined with train.activation_checkpointing={checkpointing!r}: torch's inductor "
+            "fails to compile checkpointed blocks, in --compile; drop one of them"
+        )
+    if offload == "none":
+        return
+    if fabric.device.type != "cuda":
+        raise ValueError(
+            f"train.offload={offload!r} moves GPU memory to the CPU, but this run trains on {fabric.device.type}: "
+            "there is nothing to offload to, in --train.offload; leave it at none"
+        )
+    if offload in ("params", "optimizer") and not is_fsdp(fabric):
+        raise ValueError(
+            f"train.offload={offload!r} is FSDP2's CPU offload, in --train.offload; use --strategy fsdp with it, or "
+            "--train.offload activations"
+        )
 
 
 def reshard(model: nn.Module) -> None:

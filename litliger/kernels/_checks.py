@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -72,7 +73,7 @@ def check_targets(op: str, targets: torch.Tensor, rows_shape: torch.Size, vocab:
             f"{op}: targets has shape {tuple(targets.shape)} but the input has {tuple(rows_shape)} rows "
             "(all dimensions but the last); they must match"
         )
-    if targets.device.type != "cpu" or targets.numel() == 0 or torch.compiler.is_compiling():
+    if targets.device.type != "cpu" or targets.numel() == 0 or torch.compiler.is_compiling() or not has_data(targets):
         return
     flat = targets.reshape(-1)
     bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
@@ -83,3 +84,16 @@ def check_targets(op: str, targets: torch.Tensor, rows_shape: torch.Size, vocab:
             f"{op}: targets must be in [0, {vocab}) or ignore_index={ignore_index}; found "
             f"{int(bad.sum())} out of range, e.g. value {vals} at flat positions {idx}"
         )
+
+
+def has_data(t: torch.Tensor) -> bool:
+    """False for tensors without values (meta, or fake ones: the memory planner traces shapes only), whose
+    value checks are skipped."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
+def same_start(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` start at the same memory (``data_ptr`` equality, also for fake tensors)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata and a.storage_offset() * a.element_size() == (
+        b.storage_offset() * b.element_size()
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import compute_dtype
+from ._checks import compute_dtype, has_data, same_start
 
 
 def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -117,7 +117,7 @@ def cross_entropy_rows_grad_torch(
 def _work_buffer(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Where the gradient is formed: ``grad`` itself when it has the compute dtype, else ``x`` (a compute-dtype
     copy of half-precision logits, or the logits themselves when ``grad`` is them)."""
-    return x if x.data_ptr() == grad.data_ptr() or x.dtype != grad.dtype else grad
+    return x if same_start(x, grad) or x.dtype != grad.dtype else grad
 
 
 def _ce_grad_torch(
@@ -163,7 +163,7 @@ def _softmax_to_grad(
     work.scatter_add_(1, safe_t, (-(1.0 - label_smoothing) * s).unsqueeze(1))
     # Dead rows (ignored targets) are zeroed: their logits may be garbage (padding). Skipped when every row is
     # live, which a CPU tensor tells for free (on a GPU it would cost a host sync).
-    if work.device.type != "cpu" or torch.compiler.is_compiling() or not bool(live.all()):
+    if work.device.type != "cpu" or torch.compiler.is_compiling() or not has_data(live) or not bool(live.all()):
         work.masked_fill_(~live.unsqueeze(1), 0.0)
     if work is not grad:
         grad.copy_(work)

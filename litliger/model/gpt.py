@@ -7,6 +7,7 @@ embeddings, embedding scale), never the model's name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from ..kernels import fused_linear_cross_entropy
 from ..nn import Embedding, GeGLUMLP, GeluMLP, LayerNorm, Linear, RMSNorm, RotaryEmbedding, SwiGLUMLP, init
 from ..nn.recompute import recomputed
+from .checkpointing import run_checkpointed
 from .config import Config
 from .documents import attend, check_document_ids, document_step
 from .kv_cache import KVCache, Step, cached_step
@@ -92,7 +94,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: sequential (Llama) or parallel (GPT-NeoX) residual."""
+    """Pre-norm transformer block: sequential (Llama) or parallel (GPT-NeoX) residual.
+
+    ``checkpoint`` ("full", "op" or None) is its activation checkpointing mode (model/checkpointing.py): a
+    plain attribute, so parameter names never change with it.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -101,21 +107,36 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm_2 = build_norm(config, config.n_embd)
         self.mlp = build_mlp(config)
+        self.checkpoint: str | None = None
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, step: Step | None = None) -> torch.Tensor:
+        training = self.training and torch.is_grad_enabled() and (step is None or step.start is None)
+        if self.checkpoint is None or not training:
+            return self._forward(x, rope, step, True)
+        # the checkpoint rebuilds the norm outputs itself: no second recompute inside it
+        return run_checkpointed(self.checkpoint, self._forward, x, rope, step, False)
+
+    def _forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding | None, step: Step | None, recompute_norms: bool
+    ) -> torch.Tensor:
         # Each norm's output is rebuilt from its input in backward, not held (litliger/nn/recompute.py).
+        keep = recomputed if recompute_norms else _nothing
         h = self.norm_1(x)
-        with recomputed(h, self.norm_1.recompute_fn(x)):
+        with keep(h, self.norm_1.recompute_fn(x)):
             a = self.attn(h, rope, step)  # (B, T, C)
         if self.parallel_residual:
             h = self.norm_2(x)
-            with recomputed(h, self.norm_2.recompute_fn(x)):
+            with keep(h, self.norm_2.recompute_fn(x)):
                 return x + a + self.mlp(h)
         # x <- x + a and h = norm_2(x) in one fused pass; the sum keeps x's dtype (fp32 under autocast)
         h, x = self.norm_2(x, residual=a)
-        with recomputed(h, self.norm_2.recompute_fn(x)):
+        with keep(h, self.norm_2.recompute_fn(x)):
             m = self.mlp(h)
         return x + m
+
+
+def _nothing(t: torch.Tensor, fn: object) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
 
 
 class GPT(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -34,19 +35,38 @@ class _Recomputed:
 
 
 def _address(s: torch.Tensor) -> int | None:
+    """The identity of ``s``'s storage (the same for every view of it; also for fake tensors, which the memory
+    planner traces)."""
     try:
-        return s.untyped_storage().data_ptr()
+        return s.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without plain storage
         return None
+
+
+_offloading: ContextVar[bool] = ContextVar("litliger_offloading_activations", default=False)
+
+
+@contextmanager
+def offloaded_activations(pin_memory: bool = True) -> Iterator[None]:
+    """Every tensor autograd saves inside goes to CPU memory (torch's ``save_on_cpu``; pinned, so the copies
+    overlap compute) and comes back for backward. :func:`recomputed` steps aside inside: only the innermost
+    saved-tensor hooks act, and its notes would keep norm outputs' inputs on the device instead."""
+    token = _offloading.set(True)
+    try:
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+            yield
+    finally:
+        _offloading.reset(token)
 
 
 @contextmanager
 def recomputed(t: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Iterator[None]:
     """Within the block, autograd saves no reference to ``t``'s memory: each saved view of ``t`` is rebuilt
     in backward from ``fn()``, which must return ``t``'s value again (same shape, dtype and contents) from
-    tensors that stay alive anyway. A no-op without grad and while ``torch.compile`` traces.
+    tensors that stay alive anyway. A no-op without grad, while ``torch.compile`` traces, and inside
+    :func:`offloaded_activations`.
     """
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and t.requires_grad):
+    if torch.compiler.is_compiling() or _offloading.get() or not (torch.is_grad_enabled() and t.requires_grad):
         yield
         return
     plain = t.is_contiguous() and t.storage_offset() == 0  # so a saved view maps onto the rebuilt tensor
@@ -54,7 +74,7 @@ def recomputed(t: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Iterator[None
     if not (plain and real):
         yield
         return
-    ptr, device, dtype = t.untyped_storage().data_ptr(), t.device, t.dtype
+    ptr, device, dtype = _address(t), t.device, t.dtype
     note = _Recomputed(fn, get_backend())
 
     def pack(s: torch.Tensor) -> Any:

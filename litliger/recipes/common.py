@@ -5,6 +5,7 @@ Each recipe reads ``setup -> main -> engine.fit``; the steps they have in common
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from ..data import DataModule, PromptStyle, Tokenizer
-from ..engine import Progress, load_training_state, reshard
+from ..engine import OptimizerArgs, PlanArgs, Progress, TrainArgs, is_fsdp, load_training_state, reshard
+from ..engine.args import parse_bytes
+from ..engine.memory_plan import Plan, format_plan, gib, plan_memory
 from ..inference.generate import complete, respond
 from ..inference.sampling import SampleArgs
 from ..model.config import Config
@@ -152,3 +155,80 @@ def print_response(
     reshard(model)
     fabric.print(f"--- held-out instruction ---\n{prompt_messages[-1]['content']}\n--- response ---\n{answer}\n---")
     return answer
+
+
+# --- the memory plan of a run (engine/memory_plan.py; `litliger plan` is recipes/plan.py) ---------------------
+
+
+PLANNABLE = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def kv_cache_bytes(config: Config, seq_len: int, dtype_bytes: int) -> int:
+    """Keys and values of every layer for one sequence of ``seq_len`` tokens (generation, batch 1)."""
+    return 2 * config.n_layer * config.n_query_groups * config.head_size * seq_len * dtype_bytes
+
+
+def plan_run(
+    config: Config,
+    build: Callable[[], nn.Module],
+    train: TrainArgs,
+    optimizer: OptimizerArgs,
+    *,
+    precision: str,
+    seq_len: int,
+    strategy: str,
+    world: int,
+    memory: int | None,
+    search: bool,
+) -> Plan:
+    """The memory plan of a run that builds its model with ``build`` (engine/memory_plan.py)."""
+    if precision not in PLANNABLE:
+        raise ValueError(f"precision={precision!r} cannot be planned, in --precision; use one of {PLANNABLE}")
+    dtype_bytes = 4 if precision == "32-true" else 2
+    result = plan_memory(
+        build, micro_batch_size=train.micro_batch_size, seq_len=seq_len, vocab_size=config.padded_vocab_size,
+        n_layer=config.n_layer, precision=precision, strategy=strategy, world_size=world,
+        checkpointing=train.activation_checkpointing, optimizer=optimizer, device_memory=memory, search=search,
+        kv_cache=kv_cache_bytes(config, seq_len, dtype_bytes),
+    )  # fmt: skip
+    result.settings["model"] = config.name
+    return result
+
+
+def does_not_fit(plan: Plan) -> str:
+    s = plan.settings
+    return (
+        f"the memory plan does not fit: a peak of {gib(plan.per_device['peak'])} per device against "
+        f"{gib(plan.device_memory)} (micro batch {s['micro_batch_size']} x {s['seq_len']}, "
+        f"{s['activation_checkpointing']} checkpointing); lower --train.micro_batch_size, use "
+        "--train.activation_checkpointing full, or --strategy fsdp on more devices"
+    )
+
+
+def report_memory_plan(
+    fabric: L.Fabric,
+    config: Config,
+    build: Callable[[], nn.Module],
+    *,
+    train: TrainArgs,
+    optimizer: OptimizerArgs,
+    seq_len: int,
+    plan: PlanArgs,
+) -> None:
+    """Print this run's memory plan; a plan that does not fit is a warning with the numbers (an error with
+    ``--plan.strict``), before any work."""
+    precision = fabric.litliger_precision
+    if precision not in PLANNABLE:
+        fabric.print(f"memory plan: not available for precision {precision}")
+        return
+    memory = parse_bytes(plan.device_memory) if plan.device_memory else None
+    if memory is None and fabric.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(fabric.device).total_memory
+    strategy = "fsdp" if is_fsdp(fabric) else "ddp"
+    result = plan_run(config, build, train, optimizer, precision=precision, seq_len=seq_len, strategy=strategy,
+                      world=fabric.world_size, memory=memory, search=False)  # fmt: skip
+    fabric.print(format_plan(result))
+    if result.fits is False:
+        if plan.strict:
+            raise ValueError(does_not_fit(result) + ", in --plan.strict")
+        fabric.print("warning: " + does_not_fit(result))

@@ -24,8 +24,10 @@ from ..engine import (
     EvalArgs,
     FitSetup,
     OptimizerArgs,
+    PlanArgs,
     TrainArgs,
     build_optimizer,
+    check_memory_options,
     check_resumable,
     finished_run,
     fit,
@@ -43,7 +45,7 @@ from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import METHODS, LoRAArgs, apply_lora, base_parameter_names, select_trainable
 from ..util.checks import check_between, check_positive
-from .common import data_loaders, print_response, restore_progress
+from .common import data_loaders, print_response, report_memory_plan, restore_progress
 
 PRETRAIN_HINT = "run the README's pretrain command first (litliger pretrain --config config_hub/pretrain/debug.yaml)"
 
@@ -97,6 +99,7 @@ def setup(
     seed: int = 42,
     sample: SampleArgs = SampleArgs(),
     compile: bool = False,
+    plan: PlanArgs = PlanArgs(),
 ) -> Path | None:
     """Finetune a checkpoint on instruction data.
 
@@ -119,6 +122,7 @@ def setup(
         seed: seeds the adapters' init, data order and every RNG.
         sample: ``--sample.*``: with ``sample.max_new_tokens > 0``, answer a held-out instruction at the end.
         compile: run the model under ``torch.compile`` (off by default; the first steps pay for compiling).
+        plan: ``--plan.*``: the memory plan printed at the start (``--plan.device_memory``, ``--plan.strict``).
     """
     if checkpoint_dir is None:
         raise ValueError("no base checkpoint given, in --checkpoint_dir; name the checkpoint folder to finetune")
@@ -153,6 +157,7 @@ def setup(
         seed=seed,
         sample=sample,
         compile=compile,
+        plan=plan,
     )
 
 
@@ -175,6 +180,7 @@ def main(
     seed: int,
     sample: SampleArgs,
     compile: bool = False,
+    plan: PlanArgs = PlanArgs(),
 ) -> Path | None:
     if not isinstance(data, Instructions):
         raise ValueError(
@@ -189,6 +195,7 @@ def main(
             "--train.max_seq_length; use a value <= block_size"
         )
     accum = train.gradient_accumulation_steps(fabric.world_size)
+    check_memory_options(fabric, train.offload, train.activation_checkpointing, compile)
     lora_args = lora if method == "lora" else None
     with torch.device("meta"):  # the trainable names, for the record and the resume check
         _, trainable = build_finetune_model(config, method, lora_args, train.trainable)
@@ -227,7 +234,11 @@ def main(
             if resume_dir is not None:
                 load_tensors(model, trained_tensors_file(resume_dir), expected=set(trainable))
 
-        model = setup_model(fabric, build, seed=seed, resuming=resume_dir is not None, load=load, compile=compile)
+        report_memory_plan(fabric, config, build, train=train, optimizer=optimizer_args, seq_len=seq_len, plan=plan)
+        model = setup_model(
+            fabric, build, seed=seed, resuming=resume_dir is not None, load=load, compile=compile,
+            checkpointing=train.activation_checkpointing, offload=train.offload,
+        )  # fmt: skip
         optimizer = fabric.setup_optimizers(build_optimizer(model, optimizer_args))
         progress, loader_state = restore_progress(fabric, resume_dir, model=model, optimizer=optimizer)
 
