@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = _user_errors()
     try:
         check_config_files(argv)
-        CLI(_commands(), args=argv, as_positional=True, exit_on_error=False)
+        CLI(_commands(), args=plan_config(argv), as_positional=True, exit_on_error=False)
         close_process_group()
     except RunInterrupted as e:
         # a signal before there was training progress to save (after it, the run saves and returns normally)
@@ -155,6 +155,27 @@ def bare_switches(argv: list[str]) -> list[str]:
         if arg in switches and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             out.append("true")
     return out
+
+
+def plan_config(argv: list[str]) -> list[str]:
+    """``plan --config run.yaml``: the run config without the keys a plan does not take (data, eval, out_dir, ...),
+    given inline (jsonargparse reads YAML text as well as a path), so one config file serves the run and its plan."""
+    if not argv or argv[0] != "plan" or "--config" not in argv[:-1]:
+        return argv
+    import inspect
+
+    from .recipes.plan import main as plan
+
+    at = argv.index("--config") + 1
+    path = Path(argv[at])
+    if not path.is_file():
+        return argv  # jsonargparse reports the missing file
+    settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(settings, dict):
+        return argv
+    taken = set(inspect.signature(plan).parameters)
+    kept = {k: v for k, v in settings.items() if k in taken}
+    return [*argv[:at], json.dumps(kept), *argv[at + 1 :]]
 
 
 def close_process_group() -> None:

@@ -75,6 +75,11 @@ ROWS = [
     flag("train.save_interval_minutes", "-0.5", must("train.save_interval_minutes", r"-0\.5", "> 0")),
     flag("train.keep_last", "0", must("train.keep_last", "0", ">= 1")),
     flag("train.log_interval", "0", must("train.log_interval", "0", ">= 1")),
+    flag("train.activation_checkpointing", "selective:0", r"^activation checkpointing 'selective:0' is not a mode, in --train\.activation_checkpointing; use none, full, "),
+    flag("train.offload", "disk", must("train.offload", "'disk'", "one of none, activations, params, optimizer")),
+    # --plan.*
+    flag("plan.device_memory", "lots", r"^'lots' is not an amount of memory, in --plan\.device_memory; write e\.g\. 80GB"),
+    flag("plan.strict", "maybe", r"^got maybe, expected bool, in --plan\.strict; ", USAGE),
     # --eval.*
     flag("eval.interval", "0", must("eval.interval", "0", ">= 1")),
     flag("eval.max_iters", "0", must("eval.max_iters", "0", ">= 1")),
@@ -121,6 +126,19 @@ ROWS = [
     pytest.param([*PRETRAIN, "--model.n_layer", "0"], r"^Config 'debug-llama': n_layer=0 must be an integer >= 1, in --model\.n_layer; ", 1, id="model=n_layer-0"),
     pytest.param(["pretrain", "--model.n_layer", "2", "--out_dir", "{out}"], r"^--model\.\* changes fields of a named config but none is named, in --model\.n_layer; add --model_name NAME", 1, id="model=no-model_name"),
     pytest.param(["pretrain", "--model_config.n_layer", "2", "--out_dir", "{out}"], r"^--model_config\.n_layer changes a field of Config's defaults \(.*\), in --model_config\.n_layer; name a base config and change its fields: --model_name debug-llama --model\.n_layer VALUE", 1, id="model_config.n_layer=2"),
+    # litliger plan (a run config; its own flags)
+    flag("model_name", "llama-9000", r"^unknown model name 'llama-9000', in --model_name; ", 1, ["plan"]),
+    pytest.param(["plan", "--model_name", "debug-llama", "--model_config", "{tiny_yaml}"], r"^give either model_name or model_config, not both", 1, id="model_config=and-model_name"),
+    pytest.param(["plan", "--model_name", "debug-llama", "--model.n_layr", "2"], r"^unknown model field n_layr, in --model; ", 1, id="model=n_layr"),
+    flag("checkpoint_dir", "{missing}", r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, ["plan"]),
+    flag("method", "qlora", r"^got qlora, expected one of 'lora', 'full', in --method; ", USAGE, ["plan", "--model_name", "debug-llama"]),
+    flag("precision", "16-true", r"^got 16-true, expected one of 'bf16-mixed', 'bf16-true', '32-true', in --precision; ", USAGE, ["plan", "--model_name", "debug-llama"]),
+    flag("devices", "0", must("devices", "0", ">= 1"), 1, ["plan", "--model_name", "debug-llama"]),
+    flag("num_nodes", "0", must("num_nodes", "0", ">= 1"), 1, ["plan", "--model_name", "debug-llama"]),
+    flag("strategy", "zero3", r"^got zero3, expected one of 'auto', 'ddp', 'fsdp', in --strategy; ", USAGE, ["plan", "--model_name", "debug-llama"]),
+    flag("json", "maybe", r"^got maybe, expected bool, in --json; ", USAGE, ["plan", "--model_name", "debug-llama"]),
+    flag("initial_checkpoint_dir", "{missing}", r"/missing holds no model_config\.yaml, in --initial_checkpoint_dir; ", 1, ["plan"]),
+    pytest.param(["plan", "--model_name", "debug-llama", "--plan.device_memory", "1KB", "--plan.strict", "true"], r"^the memory plan does not fit: a peak of .* per device against 1\.0 KiB|^the memory plan does not fit", 1, id="plan.strict=true"),
     pytest.param(["models", "--name", "nope"], r"^no model name contains 'nope', in --name; run `litliger models`", 1, id="name=nope"),
     pytest.param(
         ["pretrain", "--model_name", "debug-llama", "--out_dir", "{out}"],

@@ -20,6 +20,7 @@ from ..engine.memory_plan import format_plan
 from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import LoRAArgs
+from ..util.checks import check_positive
 from .common import does_not_fit, plan_run
 from .finetune import FinetuneTrainArgs, build_finetune_model
 from .pretrain import resolve_config
@@ -46,18 +47,9 @@ def main(
     plan: PlanArgs = PlanArgs(),
     json: bool = False,
     initial_checkpoint_dir: Path | None = None,
-    out_dir: Any = None,
-    resume: Any = None,
-    data: Any = None,
-    eval: Any = None,
-    sample: Any = None,
-    tokenizer_dir: Any = None,
-    logger: Any = None,
-    accelerator: Any = None,
-    seed: Any = None,
-    compile: Any = None,
 ) -> dict[str, Any]:
-    """Plan the memory of a pretrain or finetune config per device (``--config`` takes either file).
+    """Plan the memory of a pretrain or finetune config per device (``--config`` takes either file: the keys a
+    plan does not need, such as data or eval, are left out of it by ``cli.plan_config``).
 
     Args:
         model_name: the model of a pretrain config (``litliger models`` lists them).
@@ -76,18 +68,14 @@ def main(
         plan: ``--plan.device_memory`` (default: the visible GPU's), ``--plan.strict`` (exit 1 when it does not fit).
         json: print one JSON object instead of the table.
         initial_checkpoint_dir: a pretrain config's starting weights (their model_config.yaml is read).
-        out_dir: accepted from run configs and ignored (as are resume, data, eval, sample, tokenizer_dir, logger,
-            accelerator, seed and compile).
-        resume: ignored.
-        data: ignored.
-        eval: ignored.
-        sample: ignored.
-        tokenizer_dir: ignored.
-        logger: ignored.
-        accelerator: ignored.
-        seed: ignored.
-        compile: ignored.
     """
+    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
+        check_positive(name, value, f"set the {'devices per node' if name == 'devices' else 'machines'}")
+    if initial_checkpoint_dir is not None and not (Path(initial_checkpoint_dir) / "model_config.yaml").is_file():
+        raise ValueError(
+            f"{initial_checkpoint_dir} holds no model_config.yaml, in --initial_checkpoint_dir; name a litliger "
+            "checkpoint folder"
+        )
     if checkpoint_dir is not None:  # a finetune config
         method = method or "lora"
     if checkpoint_dir is not None and model_name is None and model_config is None:
