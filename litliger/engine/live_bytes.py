@@ -34,7 +34,6 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, baseline: int = 0, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
-        self.baseline = baseline
         # storages that were there before (parameters, optimizer state): in the baseline, never counted again
         # when an op returns a view of them (a weight's transpose)
         self._existing = {t.untyped_storage()._cdata for t in existing}

@@ -168,6 +168,15 @@ def kv_cache_bytes(config: Config, seq_len: int, dtype_bytes: int) -> int:
     return 2 * config.n_layer * config.n_query_groups * config.head_size * seq_len * dtype_bytes
 
 
+def device_memory(plan: PlanArgs, device: torch.device | None) -> int | None:
+    """The memory a plan is held against: ``--plan.device_memory``, else ``device``'s when it is a GPU."""
+    if plan.device_memory:
+        return parse_bytes(plan.device_memory)
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
 def plan_run(
     config: Config,
     build: Callable[[], nn.Module],
@@ -221,9 +230,7 @@ def report_memory_plan(
     if precision not in PLANNABLE:
         fabric.print(f"memory plan: not available for precision {precision}")
         return
-    memory = parse_bytes(plan.device_memory) if plan.device_memory else None
-    if memory is None and fabric.device.type == "cuda":
-        memory = torch.cuda.get_device_properties(fabric.device).total_memory
+    memory = device_memory(plan, fabric.device)
     strategy = "fsdp" if is_fsdp(fabric) else "ddp"
     result = plan_run(config, build, train, optimizer, precision=precision, seq_len=seq_len, strategy=strategy,
                       world=fabric.world_size, memory=memory, search=False)  # fmt: skip

@@ -15,20 +15,14 @@ import torch
 
 from ..checkpoint.io import read_config
 from ..engine import OptimizerArgs, PlanArgs
-from ..engine.args import parse_bytes
 from ..engine.memory_plan import format_plan
 from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import LoRAArgs
 from ..util.checks import check_positive
-from .common import does_not_fit, plan_run
+from .common import device_memory, does_not_fit, plan_run
 from .finetune import FinetuneTrainArgs, build_finetune_model
 from .pretrain import resolve_config
-
-
-def visible_device_memory() -> int | None:
-    """The first visible GPU's memory in bytes, or None without one."""
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def main(
@@ -82,7 +76,7 @@ def main(
         config = read_config(Path(checkpoint_dir))
     else:  # a pretrain config, or a finetune config planned before its checkpoint is there (--model_name)
         config = resolve_config(model_name, model_config, initial_checkpoint_dir, model)
-    memory = parse_bytes(plan.device_memory) if plan.device_memory else visible_device_memory()
+    memory = device_memory(plan, torch.device("cuda", 0) if torch.cuda.is_available() else None)
     precision = precision or ("bf16-mixed" if memory is not None else "32-true")
     seq_len = train.max_seq_length or config.block_size
     world = devices * num_nodes
