@@ -17,6 +17,9 @@ the environment (``pip install -e .``) or from the same root. Each prints a tabl
     python -m benchmarks.plan_table          the memory-plan table of tutorials/pretrain.md (traced, no GPU)
     python -m benchmarks.packing             packed against padded finetuning, document-masked against plain
                                              pretraining: target tokens/s, padding, peak memory (+ PASS/FAIL)
+    python -m benchmarks.alignment           the fused preference and distillation losses against the naive ones:
+                                             peak memory and time at vocab 65,536
+    python -m benchmarks.alignment_accuracy  their value and gradients against float64 formulas, per loss and option
     python -m benchmarks.generate            decoding: KV cache, no cache and transformers.generate
     python -m benchmarks.peers               the same training step in litliger, LitGPT and transformers
     python -m benchmarks.verify              what checkpoint checksum verification costs per GB

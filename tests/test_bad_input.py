@@ -134,6 +134,7 @@ ROWS = [
     flag("method", "qlora", r"^got qlora, expected one of 'lora', 'full', in --method; ", USAGE, ["plan", "--model_name", "debug-llama"]),
     flag("precision", "16-true", r"^got 16-true, expected one of 'bf16-mixed', 'bf16-true', '32-true', in --precision; ", USAGE, ["plan", "--model_name", "debug-llama"]),
     flag("devices", "0", must("devices", "0", ">= 1"), 1, ["plan", "--model_name", "debug-llama"]),
+    flag("loss", "ppo", r"^got ppo, expected one of 'sft', 'dpo', 'simpo', 'orpo', 'kd', in --loss; ", USAGE, ["plan", "--model_name", "debug-llama"]),
     flag("num_nodes", "0", must("num_nodes", "0", ">= 1"), 1, ["plan", "--model_name", "debug-llama"]),
     flag("strategy", "zero3", r"^got zero3, expected one of 'auto', 'ddp', 'fsdp', in --strategy; ", USAGE, ["plan", "--model_name", "debug-llama"]),
     flag("json", "maybe", r"^got maybe, expected bool, in --json; ", USAGE, ["plan", "--model_name", "debug-llama"]),
@@ -173,7 +174,9 @@ ROWS = [
     flag("train.epochs", "0", must("train.epochs", "0", ">= 1"), base=FINETUNE),
     flag("train.trainable", "[nothing.*]", r"^train\.trainable pattern 'nothing\.\*' matches no parameter of tiny, in --train\.trainable; ", base=FINETUNE),
     pytest.param([*FINETUNE, "--data", "litliger.data.Instructions", "--data.json_path", "{missing}"], r"/missing does not exist, in --data\.json_path; ", 1, id="data.json_path=missing"),
-    pytest.param([*FINETUNE, "--data", "litliger.data.TextFiles", "--data.train_data_path", "{tokenizer_dir}"], r"^finetuning needs instruction data, got TextFiles, in --data; ", 1, id="data=TextFiles"),
+    pytest.param([*FINETUNE, "--loss", "dpo", "--data", "litliger.data.TextFiles", "--data.train_data_path", "{tokenizer_dir}"], r"^--loss dpo trains on preference pairs, got TextFiles, in --data; use litliger\.data\.Preferences ", 1, id="data=TextFiles-with-dpo"),
+    pytest.param([*FINETUNE, "--data", "litliger.data.Preferences", "--data.json_path", "{pairs}"], r"^Preferences holds preference pairs, which --loss sft does not train on, in --data; use --loss dpo, simpo or orpo", 1, id="data=Preferences-with-sft"),
+    pytest.param([*FINETUNE, "--loss", "dpo", "--data", "litliger.data.Preferences", "--data.json_path", "{pairs}", "--data.packing", "true"], r"^packing=True is not supported for preference pairs: .*, in --data\.packing; leave it false$", 1, id="data.packing=true-pairs"),
     flag("out_dir", "{ckpt}", r"^out_dir .*/ckpt holds files that are not a litliger run \(.*\), in --out_dir; ", base=FINETUNE),
     flag("precision", "16-true", r"^precision=16-true cannot train: .*, in --precision; ", base=FINETUNE),
     flag("precision", "fp16", r"^got fp16, expected one of .*, in --precision; see `litliger finetune --help`$", USAGE, base=FINETUNE),
@@ -184,6 +187,27 @@ ROWS = [
     flag("strategy", "deepspeed", r"^got deepspeed, expected one of .*, in --strategy; see `litliger finetune --help`$", USAGE, base=FINETUNE),
     flag("logger", "mlflow", r"^got mlflow, expected one of .*, in --logger; see `litliger finetune --help`$", USAGE, base=FINETUNE),
     flag("seed", "abc", r"^got abc, expected int, in --seed; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    # finetune: the objective (--loss), its settings (--pref.*, --kd.*) and the teacher
+    flag("loss", "ppo", r"^got ppo, expected one of 'sft', 'dpo', 'simpo', 'orpo', 'kd', in --loss; see `litliger finetune --help`$", USAGE, base=FINETUNE),
+    flag("pref.beta", "0", must("pref.beta", r"0\.0", "> 0"), base=[*FINETUNE, "--loss", "dpo"]),
+    flag("pref.beta", "-0.1", must("pref.beta", r"-0\.1", "> 0"), base=[*FINETUNE, "--loss", "simpo"]),
+    flag("pref.loss_type", "hinge", must("pref.loss_type", "'hinge'", "one of sigmoid, ipo"), base=[*FINETUNE, "--loss", "dpo"]),
+    flag("pref.label_smoothing", "0.5", must("pref.label_smoothing", r"0\.5", r"in \[0, 0\.5\)"), base=[*FINETUNE, "--loss", "dpo"]),
+    flag("pref.label_smoothing", "0.1", must("pref.label_smoothing", r"0\.1", "0 with pref.loss_type ipo"), base=[*FINETUNE, "--loss", "dpo", "--pref.loss_type", "ipo"]),
+    flag("pref.gamma", "inf", r"^got inf, expected float, in --pref\.gamma; see `litliger finetune --help`$", USAGE, base=[*FINETUNE, "--loss", "simpo"]),
+    flag("pref.reference", "ref", must("pref.reference", "'ref'", "one of auto, adapters, precomputed"), base=[*FINETUNE, "--loss", "dpo"]),
+    flag("pref.reference", "adapters", r"^pref\.reference='adapters' switches LoRA adapters off, but --method full has none, in --pref\.reference; use precomputed \(or auto\)$", base=[*FINETUNE, "--loss", "dpo", "--method", "full"]),
+    flag("pref.reference", "adapters", r"^pref\.reference='adapters' cannot form the reference with train\.trainable=\['transformer\.ln_f\.weight'\]: .*, in --pref\.reference; use precomputed", base=[*FINETUNE, "--loss", "dpo", "--train.trainable", "[transformer.ln_f.weight]"]),
+    flag("kd.loss", "kl", must("kd.loss", "'kl'", "one of jsd, forward_kl, reverse_kl"), base=[*FINETUNE, "--loss", "kd"]),
+    flag("kd.beta", "1", must("kd.beta", r"1\.0", r"in \(0, 1\)"), base=[*FINETUNE, "--loss", "kd"]),
+    flag("kd.beta", "0", must("kd.beta", r"0\.0", r"in \(0, 1\)"), base=[*FINETUNE, "--loss", "kd"]),
+    flag("kd.temperature", "0", must("kd.temperature", r"0\.0", "> 0"), base=[*FINETUNE, "--loss", "kd"]),
+    flag("kd.hard_weight", "-1", must("kd.hard_weight", r"-1\.0", ">= 0"), base=[*FINETUNE, "--loss", "kd"]),
+    pytest.param([*FINETUNE, "--loss", "kd"], r"^--loss kd needs a teacher, in --teacher_dir; name the teacher's checkpoint folder$", 1, id="teacher_dir=none"),
+    flag("teacher_dir", "{ckpt}", r"^--teacher_dir is for --loss kd, but this run's loss is sft; drop --teacher_dir$", base=FINETUNE),
+    flag("teacher_dir", "{missing}", r"/missing is not a checkpoint folder \(model\.safetensors missing\), in --teacher_dir; name the teacher's checkpoint folder$", base=[*FINETUNE, "--loss", "kd"]),
+    flag("teacher_dir", "{teacher_other_vocab}", r"^the teacher .*/teacher_other_vocab has vocab_size 384, the student 320: .*, in --teacher_dir; use a teacher with the student's tokenizer$", base=[*FINETUNE, "--loss", "kd"]),
+    flag("teacher_dir", "{teacher_other_tokenizer}", r"^the teacher .*/teacher_other_tokenizer has another tokenizer than the student \(fingerprint \w+ vs \w+\), in --teacher_dir; use a teacher with the student's tokenizer$", base=[*FINETUNE, "--loss", "kd"]),
     # merge_lora, convert_from_hf, convert_to_hf, upgrade_checkpoint: the folders, --dtype, --overwrite
     pytest.param(["merge_lora", "{ckpt}", "{out}"], r"/ckpt is not a finetuning checkpoint: finetune\.yaml is missing$", 1, id="checkpoint_dir=not-a-finetune"),
     pytest.param(["merge_lora", "{finetune_record}", "{finetune_record}"], r"^output folder .*/finetune_record is the input folder; choose another folder$", 1, id="out_dir=input"),
@@ -340,6 +364,32 @@ class Files:
         data = (copy / file).read_bytes()
         (copy / file).write_bytes(data[:100] if content is None else content)
         return copy
+
+    def _teacher(self, name: str, config: Config, tokenizer: Tokenizer) -> Path:
+        """A checkpoint of ``config`` (random weights) with ``tokenizer``: a --teacher_dir for ``ckpt``."""
+        torch.manual_seed(1)
+        weights = parameter_state_dict(GPT(config))
+        return save_checkpoint(self.root / name, weights, config, save_tokenizer=tokenizer.save)
+
+    @cached_property
+    def teacher_other_vocab(self) -> Path:
+        return self._teacher(
+            "teacher_other_vocab",
+            dataclasses.replace(self.config, vocab_size=384, padded_vocab_size=None),
+            self.tokenizer,
+        )
+
+    @cached_property
+    def teacher_other_tokenizer(self) -> Path:
+        """ckpt's config and vocabulary size, with a tokenizer trained on another text."""
+        text = self.root / "other.txt"
+        text.write_text("omega psi chi phi upsilon tau\n" * 20)
+        other = Tokenizer.train_bpe([text], vocab_size=270, cache_dir=self.root / "bpe-other")
+        return self._teacher("teacher_other_tokenizer", self.config, other)
+
+    @cached_property
+    def pairs(self) -> Path:
+        return self._write("pairs.jsonl", '{"prompt": "alpha", "chosen": "beta", "rejected": "gamma"}\n' * 4)
 
     @cached_property
     def finetune_record(self) -> Path:

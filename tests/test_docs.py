@@ -54,6 +54,7 @@ SKIP = {
     "s3://bucket/slimpajama": "a 0.5B model, reads an s3:// bucket",
     'tutorials/generate.md: lm_eval.simple_evaluate(model=LitligerLM(checkpoint_dir="out/pretrain/debug/final"), '
     'tasks=["hellaswag"])': "downloads the hellaswag dataset",
+    "README.md: litliger finetune --config config_hub/finetune/debug-dpo.yaml": "the same command runs from tutorials/align.md",
     "tutorials/kernels.md: rms_norm(x, weight, eps=1e-6, offset=0.0) -> y": "a list of signatures (the API contract), not code",
     "tutorials/kernels.md: python -m pytest tests/test_kernels_*.py": "runs part of the test suite (minutes)",
     "tutorials/kernels.md: python -m benchmarks.kernels [--interpreter] [--kernels rms_norm rope ...] [--reps 10] "
@@ -109,6 +110,9 @@ SHORT_FINETUNE = [
     "--sample.max_new_tokens",
     "8",
 ]
+SHORT_PREFERENCE = ["--train.max_steps", "4", "--train.save_interval", "2", "--eval.max_iters", "2",
+                    "--data.init_args.max_pairs", "200"]  # fmt: skip
+SHORT_DISTILL = ["--train.max_steps", "4", "--train.save_interval", "2", "--eval.max_iters", "2"]
 SHORTEN = {
     "README.md: litliger pretrain --config config_hub/pretrain/debug.yaml --train.max_steps 50 --out_dir out/try": SHORT_PRETRAIN,
     "README.md: litliger pretrain --config config_hub/pretrain/debug.yaml --resume auto": SHORT_PRETRAIN,
@@ -120,6 +124,8 @@ SHORTEN = {
     "tutorials/finetune.md: litliger pretrain --initial_checkpoint_dir out/finetune/debug/final --config "
     "config_hub/pretrain/debug.yaml \\": SHORT_PRETRAIN,
     "tutorials/pretrain.md: litliger pretrain --config config_hub/pretrain/debug.yaml": SHORT_PRETRAIN,
+    "tutorials/align.md: litliger finetune --config config_hub/finetune/debug-dpo.yaml": SHORT_PREFERENCE,
+    "tutorials/align.md: litliger finetune --config config_hub/finetune/debug-kd.yaml": SHORT_DISTILL,
 }
 
 
@@ -393,6 +399,13 @@ FIXTURES: dict[str, Callable[[Session, Path], None]] = {
 }
 # what a stand-in needs made before it
 FIXTURE_NEEDS = {"my_mixture.yaml": ["slimpajama/", "corpus/", "checkpoints/TinyLlama-1.1B"]}
+# configs of config_hub whose checkpoint_dir / teacher_dir / tokenizer_dir name a run's output (the config file
+# itself always exists: the command's needs are made when it names the config)
+CONFIG_NEEDS = {
+    "config_hub/finetune/debug-dpo.yaml": ["out/pretrain/debug/final"],
+    "config_hub/pretrain/debug-student.yaml": ["out/pretrain/debug/final"],
+    "config_hub/finetune/debug-kd.yaml": ["out/pretrain/debug/final"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -401,6 +414,10 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
 
 
 def _prepare(s: Session, wd: Path, code: str) -> None:
+    for config, needs in CONFIG_NEEDS.items():
+        for need in needs if config in code else []:
+            if not (wd / need).exists():
+                FIXTURES[need](s, wd)
     for path, make in FIXTURES.items():
         if path in code and not (wd / path).exists():
             for need in FIXTURE_NEEDS.get(path, []):
@@ -422,7 +439,9 @@ def test_tables_name_existing_commands() -> None:
     assert all(reason.strip() for reason in (*SKIP.values(), *GPU.values()))
     assert not set(SKIP) & set(GPU)
     code = "\n".join(s.code for s in SNIPPETS if s.key not in SKIP)
-    unused = [p for p in FIXTURES if p not in code and not any(p in n for n in FIXTURE_NEEDS.values())]
+    needed = [*FIXTURE_NEEDS.values(), *CONFIG_NEEDS.values()]
+    unused = [p for p in FIXTURES if p not in code and not any(p in n for n in needed)]
+    assert all(config in code for config in CONFIG_NEEDS), "a CONFIG_NEEDS entry no command names"
     assert not unused, f"FIXTURES no command needs any more: {unused}"
 
 

@@ -49,6 +49,10 @@ def _samples() -> dict[str, list[tuple]]:
         hidden.detach(), head.detach(), t2, None, -100, "none", 0, 0, 4, 0, 0, 0, 1
     )
     rows = hidden.detach().reshape(-1, 16)
+    pairs = _rand(4, 3, 16, grad=True)  # 2 pairs of 3 tokens: chosen rows first
+    pair_targets = torch.tensor([[-100, 3, 7], [-100, -100, 49], [-100, 0, 1], [-100, 5, 5]])
+    ref = torch.tensor([-9.0, -11.0, -10.0, -8.5])
+    kd, teacher_bias = (_rand(2, 3, 12), _rand(50, 12)), _rand(50)  # the teacher's hidden and head; its bias
     return {
         "rms_norm": [
             (x, None, w, 1e-6, 0.0),
@@ -75,6 +79,43 @@ def _samples() -> dict[str, list[tuple]]:
         "fused_linear_cross_entropy_bwd": [
             (rows, head.detach(), targets, None, flce_none[1], torch.rand(6), -100, 0.0, 0.0, 4, True, True, False, tr)
             for tr in (True, False)
+        ],
+        # (hs, ws, bs, ht, wt, bt, targets, kind, beta, temperature, hard_weight, ignore_index, chunk_size,
+        #  need_hidden, need_weight, need_bias, triton_path): the need flags as the public op sets them
+        "fused_linear_distillation": [
+            (hidden, head, bias, *kd, teacher_bias, t2, "jsd", 0.3, 1.5, 0.5, -100, 4, True, True, True, tr)
+            for tr in (True, False)
+        ]
+        + [
+            (hidden, head.detach(), None, *kd, None, t2, kind, 0.5, 1.0, 0.0, -100, None, True, False, False, tr)
+            for kind, tr in (("forward_kl", True), ("reverse_kl", False))
+        ],
+        # (x, weight, targets, bias, ref_logps, loss, beta, loss_type, label_smoothing, gamma, ignore_index,
+        #  pairs per chunk, need_hidden, need_weight, need_bias, triton): the one-pass walk over chunks of pairs
+        "fused_linear_preference": [
+            (pairs, head, pair_targets, bias, ref, "dpo", 0.1, "sigmoid", 0.1, 1.0, -100, 1, True, True, True, tr)
+            for tr in (True, False)
+        ]
+        + [
+            (
+                pairs,
+                head.detach(),
+                pair_targets,
+                None,
+                None,
+                loss,
+                2.0,
+                "sigmoid",
+                0.0,
+                0.5,
+                -100,
+                2,
+                True,
+                False,
+                False,
+                tr,
+            )
+            for loss, tr in (("simpo", True), ("orpo", False))
         ],
     }
 

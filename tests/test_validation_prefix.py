@@ -25,7 +25,7 @@ from litliger.data import Instructions, TextFiles, Tokenizer
 from litliger.data.base import rank_share
 from litliger.engine import EvalArgs, OptimizerArgs, TrainArgs
 from litliger.engine import next_token_loss as instruction_loss
-from litliger.engine.loop import validation_sums
+from litliger.engine.losses import validation_sums
 from litliger.eval.evaluate import main as evaluate
 from litliger.recipes.finetune import response_tokens
 from litliger.recipes.pretrain import setup as pretrain
@@ -68,7 +68,15 @@ def _sums(root: Path, tok: Tokenizer, records: Path) -> dict[str, tuple[float, f
         out[f"instr{n}"] = validation_sums(
             fabric, model, instructions.val_dataloader(), n, instruction_loss, response_tokens
         )
+        # a loss function with stats (as the preference losses'): summed like the loss, fillers counting zero
+        out[f"stats{n}"] = validation_sums(
+            fabric, model, instructions.val_dataloader(), n, _with_stats, response_tokens
+        )
     return out
+
+
+def _with_stats(model, batch):  # noqa: ANN001, ANN202
+    return instruction_loss(model, batch), {"targets": response_tokens(batch).double()}
 
 
 def _rank_main(rank: int, port: int, root: Path, tok: Tokenizer, records: Path, results) -> None:
@@ -101,7 +109,10 @@ def test_two_ranks_validate_the_same_batches_as_one(tmp_path, monkeypatch):
     one = _sums(root, tok, records)
     assert out[0] == out[1]  # both ranks report the all-reduced sums
     assert one["text1"][1] == 2 * 16 and one["text3"][1] == 3 * 2 * 16 < one["text1000"][1]
-    for key, (loss, count) in one.items():
+    for key, (loss, count, stats) in one.items():
+        # the next-token loss reports no stats; a stat summed like the loss equals the target count
+        assert stats == ({"targets": count} if key.startswith("stats") else {}), key
+        assert out[0][key][2] == stats, key
         assert out[0][key][1] == count, key  # the same targets: the same samples
         assert out[0][key][0] == pytest.approx(loss, rel=1e-5), key
 

@@ -48,9 +48,12 @@ def finetune_meta(
     base_dir: Path,
     base_digest: str,
     prompt_style: dict[str, Any] | None,
+    objective: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What finetune.yaml records (and what a resume must agree with)."""
+    """What finetune.yaml records (and what a resume must agree with). ``objective``: the loss and its settings
+    (``{"loss": "dpo", "beta": 0.1, ...}``; absent: supervised finetuning)."""
     return {
+        "objective": objective or {"loss": "sft"},
         "method": method,
         "lora": None if method != "lora" or lora is None else {**vars(lora), "targets": list(lora.targets)},
         "trainable": list(trainable),
@@ -62,6 +65,10 @@ def finetune_meta(
 def check_same_finetune(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """A resume continues the same finetune: same method, LoRA settings, trainable set and base weights."""
     diffs = []
+    sft = {"loss": "sft"}
+    old_objective, new_objective = saved.get("objective") or sft, current.get("objective") or sft
+    if old_objective != new_objective:
+        diffs.append(f"objective {old_objective} -> {new_objective}")
     if saved["method"] != current["method"]:
         diffs.append(f"method {saved['method']} -> {current['method']}")
     for key in ("r", "alpha", "dropout", "targets"):

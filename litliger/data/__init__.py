@@ -12,6 +12,7 @@ from litliger.data.docstrings import PythonDocstrings
 from litliger.data.example_loader import ExampleLoader
 from litliger.data.instructions import Instructions
 from litliger.data.mixture import Mixture, MixtureLoader, Source
+from litliger.data.preferences import Preferences, PythonPreferences
 from litliger.data.prompts import PromptStyle, resolve_prompt_style
 from litliger.data.stdlib import PythonStdlib
 from litliger.data.text_files import TextFiles
@@ -25,8 +26,10 @@ __all__ = [
     "Instructions",
     "Mixture",
     "MixtureLoader",
+    "Preferences",
     "PromptStyle",
     "PythonDocstrings",
+    "PythonPreferences",
     "PythonStdlib",
     "ResumableLoader",
     "Source",

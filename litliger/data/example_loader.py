@@ -122,6 +122,7 @@ class ExampleLoader:
         world_size: int | None = None,
         rows: Sequence[Sequence[int]] | None = None,
         row_width: int | None = None,
+        pairs: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -132,6 +133,11 @@ class ExampleLoader:
             raise ValueError(f"rank {self.rank} is not in a world of {self.world_size}.")
         self.examples = examples
         self.rows, self.row_width = rows, row_width
+        if pairs and (rows is not None or len(examples) % 2):
+            raise ValueError("pairs=True deals out (chosen, rejected) example pairs: an even number, and no rows")
+        self.pairs = pairs
+        # per pair (pairs, 2) values a batch carries as "ref_logps" (2B,), chosen first: DPO's reference log-probs
+        self.pair_values: np.ndarray | None = None
         if rows is not None and row_width is not None:
             for r, row in enumerate(rows):
                 if (n := sum(len(examples[i].ids) - 1 for i in row)) > row_width:
@@ -157,7 +163,9 @@ class ExampleLoader:
 
     @property
     def units(self) -> int:
-        """What the loader deals out: examples, or packed rows."""
+        """What the loader deals out: examples, packed rows, or (chosen, rejected) pairs."""
+        if self.pairs:
+            return len(self.examples) // 2
         return len(self.examples) if self.rows is None else len(self.rows)
 
     def __len__(self) -> int:
@@ -184,10 +192,22 @@ class ExampleLoader:
             yield batch
 
     def _collate(self, chosen: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.pairs:
+            return self._collate_pairs(chosen)
         if self.rows is None:
             return collate([self.examples[i] for i in chosen], self.pad_id)
         rows = [[self.examples[i] for i in self.rows[r]] for r in chosen]
         return collate_packed(rows, self.pad_id, self.row_width)
+
+    def _collate_pairs(self, pairs: np.ndarray) -> dict[str, torch.Tensor]:
+        """``collate`` of the B chosen examples, then the B rejected ones (2B rows, one width), with
+        ``pair_index`` (B,) and, when ``pair_values`` is set, ``ref_logps`` (2B,)."""
+        batch = collate([self.examples[2 * i] for i in pairs] + [self.examples[2 * i + 1] for i in pairs], self.pad_id)
+        batch["pair_index"] = torch.from_numpy(np.asarray(pairs, dtype=np.int64))
+        if self.pair_values is not None:
+            values = self.pair_values[np.asarray(pairs, dtype=np.int64)]
+            batch["ref_logps"] = torch.from_numpy(np.concatenate([values[:, 0], values[:, 1]]))
+        return batch
 
     def padding_fraction(self, epoch: int = 1) -> float:
         """The share of the positions of this rank's batches of ``epoch`` that are padding (not any example's)."""

@@ -139,6 +139,28 @@ def tokenize(
     records: list[Record], style: PromptStyle, tokenizer: Tokenizer, max_seq_length: int, mask_prompt: bool
 ) -> tuple[list[Example], dict[str, int]]:
     """Examples of `records` and their counts: kept (`examples`), kept but cut (`truncated`), `dropped`."""
+    examples, truncated, dropped = [], 0, 0
+    for example, cut in encode(records, style, tokenizer, max_seq_length, mask_prompt):
+        if example is None:
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append(example)
+    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def encode(
+    records: list[Record],
+    style: PromptStyle,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    mask_prompt: bool,
+    last_reply_only: bool = False,
+) -> list[tuple[Example | None, bool]]:
+    """``(example, cut)`` per record, in order: the example cut from the right to max_seq_length + 1 tokens
+    (``cut`` says whether it was), or None when nothing of its response is left to learn from.
+    ``last_reply_only``: earlier assistant replies of a conversation are context, not targets (preference pairs
+    compare the last reply alone)."""
     pieces = []
     for r in records:
         try:
@@ -147,22 +169,23 @@ def tokenize(
             raise ValueError(f"{e.what}, in {r.where}; {e.fix}") from None
     texts = [s.text for segments in pieces for s in segments]
     encoded = iter(tokenizer.encode_batch(texts, eos=False, bos=False) if texts else [])
-    examples, truncated, dropped = [], 0, 0
+    out: list[tuple[Example | None, bool]] = []
     for segments in pieces:
         ids = bos_ids(tokenizer, segments[0].text)
         trained = [not mask_prompt] * len(ids)
-        for s in segments:
+        last = max((i for i, s in enumerate(segments) if s.trained), default=-1)
+        for i, s in enumerate(segments):
             part = next(encoded) + ([tokenizer.eos_id] if s.eos else [])
             ids += part
-            trained += [s.trained or not mask_prompt] * len(part)
+            target = s.trained and (i == last or not last_reply_only)
+            trained += [target or not mask_prompt] * len(part)
         cut = len(ids) > max_seq_length + 1
         ids, trained = ids[: max_seq_length + 1], trained[: max_seq_length + 1]
         if not any(trained[1:]):  # nothing left to learn from (the first token is never a target)
-            dropped += 1
+            out.append((None, cut))
             continue
-        truncated += cut
-        examples.append(Example(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)))
-    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+        out.append((Example(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)), cut))
+    return out
 
 
 def split_groups(groups: list[str], fraction: float, seed: int) -> set[str]:

@@ -1,7 +1,8 @@
 """The one training engine shared by pretraining and finetuning.
 
     runtime.py         Fabric, strategies, and building/initialising/loading a model per environment
-    loop.py            fit and validate: accumulation, clipping, schedule, logging, saves, signals
+    loop.py            fit: accumulation, clipping, schedule, logging, saves, signals
+    losses.py          the loss-function contract, the next-token loss, validation over all ranks
     training_state.py  training checkpoints (model files + per-rank state) written atomically, resume
     state_codec.py     the per-rank state as JSON + safetensors (never pickle)
     upgrade.py         ``litliger upgrade_checkpoint``: converts an earlier litliger's pickled state, knowingly
@@ -14,7 +15,8 @@ recipes, inference or eval.
 
 from ..model.parallelize import unwrap
 from .args import EvalArgs, OptimizerArgs, PlanArgs, TrainArgs
-from .loop import FitSetup, Progress, fit, next_token_count, next_token_loss, validate
+from .loop import FitSetup, Progress, fit
+from .losses import LossFn, next_token_count, next_token_loss, validate
 from .metrics import make_loggers
 from .optim import build_optimizer, lr_at
 from .runtime import check_memory_options, is_fsdp, make_fabric, reshard, setup_model
@@ -36,6 +38,7 @@ from .training_state import (
 __all__ = [
     "EvalArgs",
     "FitSetup",
+    "LossFn",
     "OptimizerArgs",
     "Progress",
     "PlanArgs",

@@ -17,38 +17,26 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint.layout import FINAL_DIR, step_dir
-from ..data.base import batch_inputs, rank_share
 from ..model.config import Config, flops_per_token
 from ..model.parallelize import unwrap
 from ..nn.recompute import offloaded_activations
 from .args import EvalArgs, TrainArgs
+from .losses import (
+    Batch,
+    CountFn,
+    LossFn,
+    add_stats,
+    loss_and_stats,
+    next_token_count,
+    next_token_loss,
+    reduced_means,
+    to_device,
+    validation_sums,
+)
 from .metrics import MetricsLog, Throughput, peak_flops, peak_memory
 from .optim import lr_at, set_lr
-from .runtime import reshard
 from .signals import RunInterrupted, StopSignals
 from .training_state import WriteFiles, prune_step_checkpoints, save_training_checkpoint
-
-Batch = Any
-# The loss summed over the batch's target tokens (the engine divides by the step's target count).
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-# The number of target tokens of a batch: an int when every batch has the same number (no host sync
-# and no collective is needed then), else a tensor on the batch's device.
-CountFn = Callable[[Batch], "int | torch.Tensor"]
-
-
-def next_token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The summed next-token loss of any data module's batch (``litliger.data.base.batch_inputs``): a (B, T + 1)
-    token block predicts tokens 1..T from 0..T-1, an instruction batch its targets != -100; with document ids
-    the model masks attention between documents. The fused loss is in the model."""
-    idx, targets, document_ids = batch_inputs(batch)
-    return model(idx, targets=targets, reduction="sum", document_ids=document_ids)
-
-
-def next_token_count(batch: Batch) -> int:
-    """Target tokens of a pretraining batch (B, T + 1), or ``{"tokens", "document_ids"}``: B x T, the same for
-    every batch (no host sync)."""
-    tokens = batch["tokens"] if isinstance(batch, dict) else batch
-    return tokens.shape[0] * (tokens.shape[1] - 1)
 
 
 @dataclass
@@ -79,70 +67,10 @@ class FitSetup:
     count_targets: CountFn = next_token_count
     tokens_in: Callable[[Batch], int] = next_token_count
     data_metrics: Callable[[], dict[str, float]] | None = None  # e.g. a mixture's tokens and epochs per source
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def validate(
-    fabric: L.Fabric,
-    model: nn.Module,
-    loader: Iterable,
-    max_iters: int,
-    loss_fn: LossFn = next_token_loss,
-    count_targets: CountFn = next_token_count,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> float | None:
-    """Mean loss per target token over the first ``max_iters`` batches of ``loader``, all ranks together
-    (see :func:`validation_sums`): the same number at any world size.
-
-    Returns None when ``should_stop`` cut it short (single process only: with several ranks every rank
-    must run the same forwards, so validation always completes there).
-    """
-    sums = validation_sums(fabric, model, loader, max_iters, loss_fn, count_targets, should_stop)
-    return None if sums is None else (sums[0] / max(sums[1], 1.0))
-
-
-@torch.no_grad()
-def validation_sums(
-    fabric: L.Fabric,
-    model: nn.Module,
-    loader: Iterable,
-    max_iters: int,
-    loss_fn: LossFn = next_token_loss,
-    count_targets: CountFn = next_token_count,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> tuple[float, float] | None:
-    """(summed loss, target tokens) over the first ``max_iters`` batches of ``loader``, all ranks together.
-
-    ``loader`` yields the whole validation split, the same batches on every rank (a data module's
-    ``val_dataloader``); batch i is evaluated on rank ``i % world_size`` (``rank_share``), so the batches
-    counted, ``max_iters`` x the micro batch size samples, do not depend on the world size. A rank with one
-    batch fewer runs a filler batch whose loss counts zero: every rank runs the same forwards.
-    """
-    model.eval()
-    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    count = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    stopped = False
-    for batch, counted in rank_share(loader, max_iters, fabric.global_rank, fabric.world_size):
-        if fabric.world_size == 1 and should_stop():
-            stopped = True
-            break
-        batch = _to_device(batch, fabric.device)
-        loss = loss_fn(model, batch)
-        if counted:
-            total += loss.double()
-            count += count_targets(batch)
-    model.train()
-    reshard(model)
-    if stopped:
-        return None
-    total, count = fabric.all_reduce(torch.stack([total, count]), reduce_op="sum").unbind()
-    return total.item(), count.item()
+    # validation's own loss and count when it measures something else than training does (distillation trains on
+    # the teacher's distributions and validates the student's next-token loss); None: loss_fn and count_targets
+    val_loss_fn: LossFn | None = None
+    val_count_targets: CountFn | None = None
 
 
 def _clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -222,6 +150,7 @@ class _Run:
         # the current log window: summed on the device, read (one host sync) at the next log point
         self.loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
         self.count_sum: int | torch.Tensor = 0
+        self.stat_sums: dict[str, torch.Tensor] = {}  # the loss function's stats (e.g. DPO's rewards), summed
         self.nonfinite_loss = torch.zeros((), dtype=torch.bool, device=fabric.device)
         self.nonfinite_grad = torch.zeros((), dtype=torch.bool, device=fabric.device)
         self.first_step_of_window = progress.step + 1
@@ -239,7 +168,7 @@ class _Run:
         fabric, model, optimizer, setup, progress = self.fabric, self.model, self.optimizer, self.setup, self.progress
         self.lr = lr_at(progress.step, setup.max_lr, self.train, self.total)
         set_lr(optimizer, self.lr)
-        micro_batches = [_to_device(next(self.batches), fabric.device) for _ in range(self.accum)]
+        micro_batches = [to_device(next(self.batches), fabric.device) for _ in range(self.accum)]
         step_count = _step_target_count(fabric, [setup.count_targets(b) for b in micro_batches])
         # gradients are averaged over ranks: undo that, then divide by the step's target count
         scale = fabric.world_size / step_count
@@ -250,9 +179,10 @@ class _Run:
             step_tokens += setup.tokens_in(batch)
             offload = offloaded_activations() if self.train.offload == "activations" else contextlib.nullcontext()
             with fabric.no_backward_sync(model, enabled=micro < self.accum - 1), offload:
-                loss = setup.loss_fn(model, batch)
+                loss, stats = loss_and_stats(setup.loss_fn(model, batch))
                 fabric.backward(loss * scale)
             self.loss_sum += loss.detach().double()
+            add_stats(self.stat_sums, stats)
             self.nonfinite_loss |= ~torch.isfinite(loss.detach())
         self.count_sum = self.count_sum + step_count
         self.grad_norm = _clip_gradients(model, self.train.max_norm)
@@ -281,6 +211,7 @@ class _Run:
             "loss": loss_avg,
             "lr": self.lr,
             "grad_norm": self.grad_norm.item(),
+            **reduced_means(fabric, self.stat_sums, self.count_sum),
             **rates,
         }
         values.update(peak_memory(fabric.device))
@@ -290,6 +221,7 @@ class _Run:
         self.bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rates['tokens_per_sec']:.0f}")
         self.loss_sum.zero_()
         self.count_sum = 0
+        self.stat_sums = {}
 
     def validate(self) -> bool:
         """Validate (the module's :func:`validate`) and log; False when a signal cut it short (nothing is
@@ -301,17 +233,21 @@ class _Run:
         loaders = self.val_loader if isinstance(self.val_loader, Mapping) else {"": self.val_loader}
         values: dict[str, float] = {}
         total = count = 0.0
+        stats: dict[str, float] = {}
         for name, loader in loaders.items():
             sums = validation_sums(
-                fabric, self.model, loader, self.eval.max_iters, setup.loss_fn, setup.count_targets,
-                lambda: self.signals.requested,
+                fabric, self.model, loader, self.eval.max_iters, setup.val_loss_fn or setup.loss_fn,
+                setup.val_count_targets or setup.count_targets, lambda: self.signals.requested,
             )  # fmt: skip
             if sums is None:
                 return False
             if name:
                 values[f"val_loss/{name}"] = sums[0] / max(sums[1], 1.0)
             total, count = total + sums[0], count + sums[1]
+            for key, value in sums[2].items():
+                stats[key] = stats.get(key, 0.0) + value
         val = total / max(count, 1.0)
+        values.update({f"val_{key}": value / max(count, 1.0) for key, value in stats.items()})
         self.metrics.log({"val_loss": val, **values, "tokens": progress.tokens}, progress.step)
         per_source = "".join(f", {k} {v:.4f}" for k, v in values.items())
         fabric.print(f"step {progress.step}: val_loss {val:.4f}{per_source}")

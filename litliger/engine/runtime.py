@@ -162,6 +162,7 @@ def setup_model(
     compile: bool = False,
     checkpointing: str = "none",
     offload: str = "none",
+    frozen: bool = False,
 ) -> nn.Module:
     """Build, shard (FSDP), materialise, initialise and load a model; returns it set up by Fabric.
 
@@ -171,7 +172,9 @@ def setup_model(
     (``Module.compile``: parameter names, and so checkpoints, unchanged); litliger's fused ops are custom ops
     that it traces through (litliger/kernels/_custom_ops.py). ``checkpointing``: the activation checkpointing
     mode (model/checkpointing.py), set on the blocks before sharding; ``offload`` "params"/"optimizer": FSDP2's
-    CPU offload (``check_memory_options`` has refused it where it cannot work).
+    CPU offload (``check_memory_options`` has refused it where it cannot work). ``frozen``: a model that never
+    trains (a distillation teacher): sharded under FSDP as a trained one, but not wrapped for DDP (which refuses
+    a module without a trainable parameter) and so left on its device as it is; run it under ``fabric.autocast``.
     """
     with torch.device("meta"):
         model = build()
@@ -192,6 +195,8 @@ def setup_model(
         assert_replicas_identical(model)
     if compile:
         model.compile()
+    if frozen and not is_fsdp(fabric):
+        return model
     return fabric.setup_module(model)
 
 

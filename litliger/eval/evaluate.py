@@ -10,6 +10,10 @@ default they are used, so the command reports the run's own validation loss for 
 batches: the first ``eval.max_iters`` batches of ``train.micro_batch_size`` sequences of the run's
 ``max_seq_length`` tokens); ``--data``, ``--max_seq_length``, ``--batch_size`` and ``--max_batches`` override
 them. Only a ``litliger.data`` class is rebuilt from the record.
+
+Preference pairs (a dpo/simpo/orpo run's data) are scored the same way: the next-token loss of both answers of
+every held-out pair. That is not the run's preference val_loss (which needs the reference and the pairing), but
+it is the same number for any objective, so runs compare on it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.layout import RUN_FILE
-from ..data import DataModule, Instructions, PythonStdlib
+from ..data import DataModule, Instructions, Preferences, PythonStdlib
 from ..data.base import data_from_record, read_run_record
 from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
 from ..util.checks import check_positive
@@ -81,7 +85,7 @@ def main(
             f"use at most {block_size}"
         )
     seq_len = max_seq_length or block_size
-    if isinstance(data, Instructions):
+    if isinstance(data, Instructions | Preferences):
         style = recorded_prompt_style(checkpoint_dir)
         if style is not None:
             data.style = style  # the finetune's format, exactly as it trained

@@ -28,4 +28,6 @@ OPS = (
     "cross_entropy_bwd",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_bwd",
+    "fused_linear_distillation",
+    "fused_linear_preference",
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from .checkpointing import run_checkpointed
 from .config import Config
 from .documents import attend, check_document_ids, document_step
 from .kv_cache import KVCache, Step, cached_step
+
+# What GPT.forward's head_fn takes: the final hidden states (B, T, C'), the head's weight (V, C') and bias (V,).
+HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
 
 
 def build_norm(config: Config, size: int) -> RMSNorm | LayerNorm:
@@ -288,7 +293,8 @@ class GPT(nn.Module):
         left_pad: torch.Tensor | None = None,
         last_only: bool = False,
         document_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        head_fn: HeadFn | None = None,
+    ) -> Any:
         """Logits (B, T, padded_vocab), or with ``targets`` the cross-entropy over targets != -100
         (``reduction`` "mean", "sum" or "none", as in ``fused_linear_cross_entropy``). ``last_only``: the
         logits of the last position only, (B, 1, padded_vocab): what decoding needs (a prompt's prefill then
@@ -302,13 +308,20 @@ class GPT(nn.Module):
         examples, or a pretraining block across EOS boundaries). A position attends only to earlier positions
         of its own document, and positions restart at 0 at each document start (litliger/model/documents.py).
         Without them the forward is exactly the plain causal one.
+
+        ``head_fn(hidden, weight, bias)``: what the LM head computes instead of the logits or the cross-entropy,
+        with this model's (hidden, weight, bias) as the fused ops take them (a LoRA adapter on the head folded
+        in): the preference and distillation losses, or the hidden states of a teacher. It runs inside the
+        forward, so wrappers (DDP, FSDP2's unsharded root parameters) see one ordinary forward.
         """
         x = self.hidden_states(idx, input_pos=input_pos, left_pad=left_pad, document_ids=document_ids)
         if last_only and targets is None:
             x = x[:, -1:]
         weight, bias = self.head()
-        if self.lm_head is not None and self.lm_head.lora_a is not None:
+        if self.lm_head is not None and self.lm_head.adapted:
             x, weight = self.lm_head.fold_lora(x)  # (B, T, C + r), (V, C + r): logits and loss include LoRA
+        if head_fn is not None:
+            return head_fn(x, weight, bias)
         if targets is None:
             return F.linear(x, weight, bias)  # (B, T, padded_vocab_size)
         return fused_linear_cross_entropy(x, weight, targets, bias, reduction=reduction)

@@ -24,8 +24,10 @@ much (<= 5.2e-2), since the unmerged path rounds x W^T and the adapter's product
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +110,20 @@ def apply_lora(model: nn.Module, args: LoRAArgs) -> list[str]:
 def lora_parameter_names(model: nn.Module) -> list[str]:
     """Full names of every ``lora_a`` / ``lora_b`` parameter of ``model``."""
     return [name for name, _ in model.named_parameters() if name.rpartition(".")[2] in _LORA_LEAVES]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[int]:
+    """Inside, every LoRA adapter of ``model`` is skipped: the model computes its frozen base, with one copy of
+    the weights (DPO's reference model for a LoRA finetune). Yields how many adapters were switched off."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.lora_a is not None]
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.lora_enabled = True
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -36,6 +36,12 @@ class Linear(nn.Module):
         self.register_parameter("lora_a", None)
         self.register_parameter("lora_b", None)
         self.lora_scale = self.lora_dropout = 0.0
+        self.lora_enabled = True  # False: the adapter is skipped (litliger.model.lora.adapters_disabled)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the forward adds a LoRA adapter: one exists and is not switched off."""
+        return self.lora_a is not None and self.lora_enabled
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:
         """Add a LoRA adapter of rank ``r``: ``lora_a`` (r, in), ``lora_b`` (out, r), scale ``alpha / r``, and
@@ -82,7 +88,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_a is None:
+        if not self.adapted:
             return y
         return y + F.linear(F.linear(self._lora_input(x), self.lora_a), self.lora_b) * self.lora_scale
 
@@ -91,7 +97,7 @@ class Linear(nn.Module):
         product for backward (:func:`litliger.kernels.glu_linear`): an MLP's down projection. With a LoRA
         adapter, which needs the product itself, it is the plain composition.
         """
-        if self.lora_a is None:
+        if not self.adapted:
             return glu_linear(gate, up, self.weight, self.bias, activation)
         return self(glu_linear_input(gate, up, activation))
 

@@ -90,11 +90,16 @@ def data_loaders(
         data.prepare_data()
     data.setup()
     train_loader = data.train_dataloader()
+    position_loader(fabric, data, train_loader, loader_state)
+    return train_loader, data.val_dataloader()
+
+
+def position_loader(fabric: L.Fabric, data: DataModule, train_loader: Any, loader_state: dict[str, Any] | None) -> None:
+    """Continue ``train_loader`` where a resumed run's ``loader_state`` left it (unless ``data.reset``)."""
     if loader_state is not None and data.reset:
         fabric.print("data.reset: the data starts from its beginning (the checkpoint's data position is not used)")
     elif loader_state is not None:
         train_loader.load_state_dict(loader_state)
-    return train_loader, data.val_dataloader()
 
 
 def print_sample(

@@ -19,7 +19,8 @@ from ..engine.memory_plan import format_plan
 from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import LoRAArgs
-from ..util.checks import check_positive
+from ..util.checks import check_choice, check_positive
+from .align import OBJECTIVES, planned_train
 from .common import device_memory, does_not_fit, plan_run
 from .finetune import FinetuneTrainArgs, build_finetune_model
 from .pretrain import resolve_config
@@ -41,6 +42,7 @@ def main(
     plan: PlanArgs = PlanArgs(),
     json: bool = False,
     initial_checkpoint_dir: Path | None = None,
+    loss: Literal["sft", "dpo", "simpo", "orpo", "kd"] = "sft",
 ) -> dict[str, Any]:
     """Plan the memory of a pretrain or finetune config per device (``--config`` takes either file: the keys a
     plan does not need, such as data or eval, are left out of it by ``cli.plan_config``).
@@ -62,6 +64,8 @@ def main(
         plan: ``--plan.device_memory`` (default: the visible GPU's), ``--plan.strict`` (exit 1 when it does not fit).
         json: print one JSON object instead of the table.
         initial_checkpoint_dir: a pretrain config's starting weights (their model_config.yaml is read).
+        loss: a finetune's objective: dpo, simpo and orpo batches hold two sequences per pair (the micro batch
+            planned and found is then in sequences); kd's teacher is not in the plan.
     """
     for name, value in (("devices", devices), ("num_nodes", num_nodes)):
         check_positive(name, value, f"set the {'devices per node' if name == 'devices' else 'machines'}")
@@ -86,10 +90,11 @@ def main(
             return GPT(config)
         return build_finetune_model(config, method, lora if method == "lora" else None, tuple(train.trainable))[0]
 
+    check_choice("loss", loss, OBJECTIVES)
     result = plan_run(
         config,
         build,
-        train,
+        planned_train(train, loss),
         optimizer,
         precision=precision,
         seq_len=seq_len,

@@ -16,6 +16,7 @@ from ..kernels import (
     add_rms_norm,
     cross_entropy,
     fused_linear_cross_entropy,
+    fused_linear_distillation,
     geglu,
     layer_norm,
     rms_norm,
@@ -97,13 +98,26 @@ def flce_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: 
         _grad((fused_linear_cross_entropy(h, w, targets, reduction=reduction),), [h, w])
 
 
+def distill_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: int) -> None:
+    """Distillation of the LM head from a teacher of the config's sizes: fused linear JSD (gradients in forward;
+    the other losses differ only in the row kernel's KIND constexpr). The teacher is frozen."""
+    h, w = (
+        _leaf(rows, c.n_embd, dtype=dtype, device=device),
+        _leaf(c.padded_vocab_size, c.n_embd, dtype=dtype, device=device),
+    )
+    ht = _leaf(rows, c.n_embd, dtype=dtype, device=device, grad=False)
+    wt = _leaf(c.padded_vocab_size, c.n_embd, dtype=dtype, device=device, grad=False)
+    targets = torch.randint(0, c.vocab_size, (rows,), device=device)
+    _grad((fused_linear_distillation(h, w, ht, wt, targets, loss="jsd", vocab_size=c.vocab_size),), [h, w])
+
+
 def ce_calls(c: Config, dtype: torch.dtype, device: torch.device | str, rows: int) -> None:
     """The standalone cross-entropy on (rows, vocab) logits."""
     logits = _leaf(rows, c.padded_vocab_size, dtype=dtype, device=device)
     _grad((cross_entropy(logits, torch.randint(0, c.vocab_size, (rows,), device=device)),), [logits])
 
 
-CALLS = (norm_calls, rope_calls, mlp_calls, flce_calls, ce_calls)
+CALLS = (norm_calls, rope_calls, mlp_calls, flce_calls, distill_calls, ce_calls)
 
 
 def config_plans(
