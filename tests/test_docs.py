@@ -55,6 +55,7 @@ SKIP = {
     'tutorials/generate.md: lm_eval.simple_evaluate(model=LitligerLM(checkpoint_dir="out/pretrain/debug/final"), '
     'tasks=["hellaswag"])': "downloads the hellaswag dataset",
     "README.md: litliger finetune --config config_hub/finetune/debug-dpo.yaml": "the same command runs from tutorials/align.md",
+    "README.md: litliger finetune --config config_hub/finetune/debug.yaml": "the same command runs from tutorials/finetune.md",
     "tutorials/kernels.md: rms_norm(x, weight, eps=1e-6, offset=0.0) -> y": "a list of signatures (the API contract), not code",
     "tutorials/kernels.md: python -m pytest tests/test_kernels_*.py": "runs part of the test suite (minutes)",
     "tutorials/kernels.md: python -m benchmarks.kernels [--interpreter] [--kernels rms_norm rope ...] [--reps 10] "
@@ -117,7 +118,6 @@ SHORTEN = {
     "README.md: litliger pretrain --config config_hub/pretrain/debug.yaml --train.max_steps 50 --out_dir out/try": SHORT_PRETRAIN,
     "README.md: litliger pretrain --config config_hub/pretrain/debug.yaml --resume auto": SHORT_PRETRAIN,
     "README.md: litliger pretrain --config config_hub/pretrain/mixture-debug.yaml": SHORT_PRETRAIN,
-    "README.md: litliger finetune --config config_hub/finetune/debug.yaml": SHORT_FINETUNE,
     "tutorials/finetune.md: litliger pretrain --config config_hub/pretrain/debug.yaml": SHORT_PRETRAIN,
     "tutorials/finetune.md: litliger finetune --config config_hub/finetune/debug.yaml": SHORT_FINETUNE,
     "tutorials/finetune.md: litliger finetune --config config_hub/finetune/debug-packed.yaml": SHORT_FINETUNE,

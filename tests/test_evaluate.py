@@ -138,7 +138,7 @@ def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
     model = GPT.from_checkpoint(base).eval()
 
     def scores(doc: dict) -> list[float]:  # log P(" " + choice | question): lm_eval's default delimiter
-        return [continuation_logprob(model, *lm._split(doc["question"], " " + c))[0] for c in doc["choices"]]
+        return [continuation_logprob(model, *lm.llm.split(doc["question"], " " + c))[0] for c in doc["choices"]]
 
     for sample in results["samples"]["litliger_tiny"]:  # every request lm_eval made, scored as the model does
         assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(scores(docs[sample["doc_id"]]), rel=1e-5)

@@ -352,7 +352,8 @@ def main(
         n_train = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in unwrap(model).parameters())
         fabric.print(
-            f"{method} finetune ({objective}) of {checkpoint_dir}: {n_train:,} of {n_all:,} parameters train "
+            f"{method} finetune{'' if objective == 'sft' else f' ({objective})'} of {checkpoint_dir}: {n_train:,} of "
+            f"{n_all:,} parameters train "
             f"({100 * n_train / n_all:.2f}%), {total} steps"
         )
         loss_fn, count, val_loss_fn, val_count = next_token_loss, target_count, None, None
