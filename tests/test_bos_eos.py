@@ -19,6 +19,7 @@ from safetensors import safe_open
 from test_pretrain import run, write_corpus
 
 import litliger.inference.generate as generate_module
+import litliger.inference.llm as llm_module
 from litliger import GPT
 from litliger.checkpoint import copy_tokenizer_files, load_state_dict, read_config, save_checkpoint
 from litliger.cli import main as cli_main
@@ -139,18 +140,26 @@ def fake_lm_eval(monkeypatch):
     for module in (package, api, model, registry):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.delitem(sys.modules, "litliger.eval.lm_eval", raising=False)
+    yield
+    # the adapter imported here subclasses the fake LM: a later test must import it again, on the real lm_eval
+    sys.modules.pop("litliger.eval.lm_eval", None)
 
 
 def test_lm_eval_model_encodes_contexts_as_the_tokenizer_does(trained, tokenizer, fake_lm_eval, monkeypatch):
     import litliger.eval.lm_eval as module
 
     lm = module.LitligerLM(checkpoint_dir=trained, device="cpu")
-    context, continuation = lm._split("alpha beta", " gamma")
+    context, continuation = lm.llm.split("alpha beta", " gamma")
     assert context == tokenizer.encode("alpha beta")  # no EOS (or BOS) put in front: the tokenizer adds none
     assert context + continuation == tokenizer.encode("alpha beta gamma")
-    assert lm._split("", "alpha")[0] == [start_id(tokenizer)]  # an empty context starts from the start token
+    assert lm.llm.split("", "alpha")[0] == [start_id(tokenizer)]  # an empty context starts from the start token
     seen = []
-    monkeypatch.setattr(module, "generate_tokens", lambda m, idx, *a, **k: seen.append(idx[0].tolist()) or iter(()))
+
+    def fake(model, idx, *args, **kwargs):  # noqa: ANN001, ANN202 (generate_tokens: records the prompt, no tokens)
+        seen.append(idx[0].tolist())
+        yield from ()
+
+    monkeypatch.setattr(llm_module, "generate_tokens", fake)
     request = types.SimpleNamespace(args=("alpha", {"until": ["\n"], "max_gen_toks": 3}))
     assert lm.generate_until([request]) == [""]
     assert seen == [tokenizer.encode("alpha")]
@@ -159,6 +168,7 @@ def test_lm_eval_model_encodes_contexts_as_the_tokenizer_does(trained, tokenizer
 def test_lm_eval_model_without_lm_eval_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "litliger.eval.lm_eval", raising=False)
+    monkeypatch.delitem(sys.modules, "litliger.eval.evaluate", raising=False)
     expected = r"^litliger evaluate's lm_eval model needs lm-evaluation-harness: pip install 'litliger\[eval\]'$"
     with pytest.raises(ModuleNotFoundError, match=expected):
         from litliger.eval.lm_eval import LitligerLM  # noqa: F401

@@ -125,6 +125,11 @@ SHORTEN = {
     "config_hub/pretrain/debug.yaml \\": SHORT_PRETRAIN,
     "tutorials/pretrain.md: litliger pretrain --config config_hub/pretrain/debug.yaml": SHORT_PRETRAIN,
     "tutorials/align.md: litliger finetune --config config_hub/finetune/debug-dpo.yaml": SHORT_PREFERENCE,
+    # three epochs of the stand-in records: four steps show the same flags work
+    "README.md: litliger finetune --checkpoint_dir checkpoints/Qwen2.5-0.5B --data litliger.data.Instructions \\": [
+        "--train.max_steps",
+        "4",
+    ],
     "tutorials/align.md: litliger finetune --config config_hub/finetune/debug-kd.yaml": SHORT_DISTILL,
 }
 
