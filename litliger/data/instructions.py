@@ -337,17 +337,7 @@ class Instructions(DataModule):
 
     def summary(self) -> str:
         """One line for the recipe to print: examples per split, and what max_seq_length cut or dropped."""
-        if not self.stats:
-            return f"{type(self).__name__}: not set up"
-        style = self.style.name if self.style is not None else "?"
-        parts = [
-            f"{split} {s['examples']} ({s['truncated']} truncated, {s['dropped']} dropped)"
-            for split, s in self.stats.items()
-        ]
-        return (
-            f"{type(self).__name__} from {self.source()}, prompt style {style}, max_seq_length "
-            f"{self.max_seq_length}: " + ", ".join(parts)
-        )
+        return split_summary(self, "examples", "")
 
     def examples(self, split: str) -> list[Example]:
         """The tokenized examples of "train" or "val" (after setup)."""
@@ -366,3 +356,19 @@ def _loads(text: str, where: str, line_of_error: bool = False) -> Any:
     except json.JSONDecodeError as e:
         at = f"{where}:{e.lineno}" if line_of_error else where
         raise ValueError(f"invalid JSON ({e.msg}), in {at}; fix or remove that record") from None
+
+
+def split_summary(data: DataModule, unit: str, label: str) -> str:
+    """The one-line summary of a module with ``stats`` per split (``unit``: the count's key, ``label`` the word
+    after it, e.g. " pairs"), its source, prompt style and max_seq_length."""
+    if not data.stats:
+        return f"{type(data).__name__}: not set up"
+    style = data.style.name if data.style is not None else "?"
+    parts = [
+        f"{split} {s[unit]}{label} ({s['truncated']} truncated, {s['dropped']} dropped)"
+        for split, s in data.stats.items()
+    ]
+    return (
+        f"{type(data).__name__} from {data.source()}, prompt style {style}, max_seq_length "
+        f"{data.max_seq_length}: " + ", ".join(parts)
+    )

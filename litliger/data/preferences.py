@@ -25,8 +25,8 @@ from typing import Any
 from litliger.data.base import DataModule
 from litliger.data.cache import cache_root, json_digest, publish_dir
 from litliger.data.docstrings import PythonDocstrings
-from litliger.data.example_loader import Example, ExampleLoader
-from litliger.data.instructions import Record, _loads, encode, jsonl_lines, split_groups, utf8_text
+from litliger.data.example_loader import Example, ExampleLoader, fingerprint
+from litliger.data.instructions import Record, _loads, encode, jsonl_lines, split_groups, split_summary, utf8_text
 from litliger.data.prompts import STYLE_NAMES, PromptStyle, RecordError, check_messages, resolve_prompt_style
 
 _FIX = 'give {"prompt", "chosen", "rejected"} strings, or "chosen" and "rejected" message lists'
@@ -225,26 +225,12 @@ class Preferences(DataModule):
             return None
         return self.pair_loader("val")
 
-    def padding_report(self) -> str:
-        return "padding: preference pairs are padded per batch to their longest side (no packing)"
-
     def summary(self) -> str:
-        if not self.stats:
-            return f"{type(self).__name__}: not set up"
-        style = self.style.name if self.style is not None else "?"
-        parts = [
-            f"{split} {s['pairs']} pairs ({s['truncated']} truncated, {s['dropped']} dropped)"
-            for split, s in self.stats.items()
-        ]
-        return (
-            f"{type(self).__name__} from {self.source()}, prompt style {style}, max_seq_length "
-            f"{self.max_seq_length}: " + ", ".join(parts)
-        )
+        return split_summary(self, "pairs", " pairs")
 
     def fingerprint(self, split: str) -> str:
         """A hash of a split's token pairs (ids and target masks, in order): what a reference table is keyed by."""
-        return ExampleLoader(self.examples(split), 1, self._pad_id(), shuffle=False, drop_last=False, rank=0,
-                             world_size=1, pairs=True).fingerprint  # fmt: skip
+        return fingerprint(self.examples(split))
 
     def _pad_id(self) -> int:
         assert self.tokenizer is not None
