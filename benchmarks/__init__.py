@@ -21,6 +21,7 @@ the environment (``pip install -e .``) or from the same root. Each prints a tabl
                                              peak memory and time at vocab 65,536
     python -m benchmarks.alignment_accuracy  their value and gradients against float64 formulas, per loss and option
     python -m benchmarks.generate            decoding: KV cache, no cache and transformers.generate
+    python -m benchmarks.serve               `litliger serve` with 1, 4 and 8 concurrent clients: total tokens/s, TTFT
     python -m benchmarks.peers               the same training step in litliger, LitGPT and transformers
     python -m benchmarks.verify              what checkpoint checksum verification costs per GB
     python -m benchmarks.convert_parity      per-family max |logit difference| of both conversion directions

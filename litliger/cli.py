@@ -10,6 +10,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pickle
@@ -32,36 +33,32 @@ USER_ERROR_EXIT = 1
 INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def _commands() -> dict[str, Callable]:
-    """Subcommand name -> the function it runs (jsonargparse builds the flags from its signature)."""
-    from .checkpoint.finetuned import merge_lora_checkpoint
-    from .convert import convert_from_hf, convert_to_hf
-    from .engine.upgrade import upgrade_checkpoint
-    from .eval.evaluate import main as evaluate
-    from .inference.chat import main as chat
-    from .inference.generate import main as generate
-    from .model.config import list_models
-    from .recipes.finetune import setup as finetune
-    from .recipes.plan import main as plan
-    from .recipes.prepare import main as prepare
-    from .recipes.pretrain import setup as pretrain
-    from .tools.plot import main as plot
+# Subcommand name -> (module, function): jsonargparse builds the flags from the function's signature. A command
+# imports only its own module (``import lightning`` alone takes seconds, and serving or converting never needs it).
+COMMANDS = {
+    "pretrain": ("litliger.recipes.pretrain", "setup"),
+    "prepare": ("litliger.recipes.prepare", "main"),
+    "finetune": ("litliger.recipes.finetune", "setup"),
+    "download": ("litliger.convert", "download"),
+    "merge_lora": ("litliger.checkpoint.finetuned", "merge_lora_checkpoint"),
+    "convert_from_hf": ("litliger.convert", "convert_from_hf"),
+    "convert_to_hf": ("litliger.convert", "convert_to_hf"),
+    "convert_to_gguf": ("litliger.convert", "convert_to_gguf"),
+    "generate": ("litliger.inference.generate", "main"),
+    "chat": ("litliger.inference.chat", "main"),
+    "evaluate": ("litliger.eval.evaluate", "main"),
+    "serve": ("litliger.serve.server", "main"),
+    "upgrade_checkpoint": ("litliger.engine.upgrade", "upgrade_checkpoint"),
+    "models": ("litliger.model.config", "list_models"),
+    "plot": ("litliger.tools.plot", "main"),
+    "plan": ("litliger.recipes.plan", "main"),
+}
 
-    return {
-        "pretrain": pretrain,
-        "prepare": prepare,
-        "finetune": finetune,
-        "merge_lora": merge_lora_checkpoint,
-        "convert_from_hf": convert_from_hf,
-        "convert_to_hf": convert_to_hf,
-        "generate": generate,
-        "chat": chat,
-        "evaluate": evaluate,
-        "upgrade_checkpoint": upgrade_checkpoint,
-        "models": list_models,
-        "plot": plot,
-        "plan": plan,
-    }
+
+def _commands(names: list[str] | None = None) -> dict[str, Callable]:
+    """Subcommand name -> the function it runs, for ``names`` (default: every command)."""
+    chosen = list(COMMANDS) if names is None else names
+    return {n: getattr(importlib.import_module(COMMANDS[n][0]), COMMANDS[n][1]) for n in chosen}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -93,10 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = bare_switches(join_list_positional(sys.argv[1:] if argv is None else list(argv)))
     show_field_docs()
     debug = bool(os.environ.get("LITLIGER_DEBUG"))
-    errors = _user_errors()
     try:
         check_config_files(argv)
-        CLI(_commands(), args=plan_config(argv), as_positional=True, exit_on_error=False)
+        # the named command only; without one (``litliger --help``, a typo) every command, to list them
+        named = [argv[0]] if argv and argv[0] in COMMANDS else None
+        CLI(_commands(named), args=plan_config(argv), as_positional=True, exit_on_error=False)
         close_process_group()
     except RunInterrupted as e:
         # a signal before there was training progress to save (after it, the run saves and returns normally)
@@ -110,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     except argparse.ArgumentError as e:
         if debug:
             raise
-        _fail(parse_error_line(str(e), argv, tuple(_commands())), PARSE_ERROR_EXIT)
+        _fail(parse_error_line(str(e), argv, tuple(COMMANDS)), PARSE_ERROR_EXIT)
     except BaseException as e:
         # tokenizers (Rust) raises a bare Exception for a malformed file: never a bug's type, so a user error
-        if debug or not (isinstance(e, errors) or type(e) is Exception):
+        if debug or not (isinstance(e, _user_errors()) or type(e) is Exception):
             raise
         _fail(error_line(e), USER_ERROR_EXIT)
 

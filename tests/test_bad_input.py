@@ -43,6 +43,7 @@ FRESH = [*RESUME, "false", "--tokenizer_dir", "{tokenizer_dir}"]
 CHAT = ["chat", "{ckpt}"]
 EVALUATE = ["evaluate", "{ckpt}", "--max_seq_length", "16"]
 PREPARE = ["prepare", "--data", "litliger.data.Corpus", "--data.path", "{corpus}", "--out_dir", "{out}"]
+DOWNLOAD = ["download", "tiny-org/tiny-model", "--checkpoint_dir", "{out}"]
 USAGE = 2  # exit status of a command-line parse error (argparse's)
 
 
@@ -212,14 +213,34 @@ ROWS = [
     pytest.param(["merge_lora", "{ckpt}", "{out}"], r"/ckpt is not a finetuning checkpoint: finetune\.yaml is missing$", 1, id="checkpoint_dir=not-a-finetune"),
     pytest.param(["merge_lora", "{finetune_record}", "{finetune_record}"], r"^output folder .*/finetune_record is the input folder; choose another folder$", 1, id="out_dir=input"),
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger merge_lora --help`$", USAGE, base=["merge_lora", "{ckpt}", "{out}"]),
+    # download: every check is made before anything is fetched (no network here)
+    pytest.param([*DOWNLOAD[:1], "gpt2", *DOWNLOAD[2:]], r"^got 'gpt2', not a Hugging Face repo id, in REPO_ID; give the organisation and the name as the Hub shows them, ORG/NAME \(e\.g\. Qwen/Qwen2\.5-0\.5B\)$", 1, id="repo_id=no-org"),
+    flag("checkpoint_dir", "{tiny_yaml}", r"/tiny\.yaml is an existing file, in --checkpoint_dir; choose a folder path$", base=DOWNLOAD[:2]),
+    flag("revision", "", r"^revision '' is empty or padded, in --revision; give a branch, tag or commit$", base=DOWNLOAD),
+    flag("access_token", " ", r"^the token is empty, in --access_token; give a token, or leave the flag out to use HF_TOKEN$", base=DOWNLOAD),
+    flag("tokenizer_only", "maybe", r"^got maybe, expected bool, in --tokenizer_only; see `litliger download --help`$", USAGE, base=DOWNLOAD),
+    flag("dtype", "int8", r"^got int8, not a floating-point dtype, in --dtype; use one of bfloat16, float16, float32", base=DOWNLOAD),
+    flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger download --help`$", USAGE, base=DOWNLOAD),
+    pytest.param([*DOWNLOAD, "--tokenizer_only", "true", "--dtype", "bfloat16"], r"^--dtype casts weights, and --tokenizer_only true fetches none, in --dtype; drop one of them$", 1, id="tokenizer_only=with-dtype"),
     pytest.param(["convert_from_hf", "{missing}", "{out}"], r"/missing is not a Hugging Face model folder: config\.json is missing$", 1, id="hf_dir=missing"),
     pytest.param(["convert_from_hf", "{missing}", "{tokenizer_dir}"], r"^output folder .*/tokenizer is not empty \(.*\); choose an empty or new folder, or pass --overwrite true", 1, id="out_dir=not-empty"),
     flag("dtype", "int8", r"^got int8, not a floating-point dtype, in --dtype; use one of bfloat16, float16, float32 \(or torch\.<name> of another floating-point dtype\)$", 1, base=["convert_from_hf", "{missing}", "{out}"]),
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_from_hf --help`$", USAGE, base=["convert_from_hf", "{missing}", "{out}"]),
+    pytest.param(["convert_from_hf", "{peft_adapter}", "{out}"], r"/peft_adapter is a PEFT adapter \(adapter_config\.json\), in --base; name the litliger checkpoint folder of the model it adapts", 1, id="base=none"),
+    flag("base", "{missing}", r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, base=["convert_from_hf", "{peft_adapter}", "{out}"]),
+    flag("base", "{ckpt}", r"/missing is not a PEFT adapter folder \(no adapter_config\.json\), in --base; --base is for adapters: drop it to convert a full model$", 1, base=["convert_from_hf", "{missing}", "{out}"]),
     pytest.param(["convert_to_hf", "{missing}", "{out}"], r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, id="checkpoint_dir=missing"),
     pytest.param(["convert_to_hf", "{ckpt}", "{ckpt}"], r"^output folder .*/ckpt is the input folder; choose another folder$", 1, id="out_dir=input"),
     flag("dtype", "torch.nope", r"^got torch\.nope, not a floating-point dtype, in --dtype; use one of bfloat16, float16, float32 \(or torch\.<name> of another floating-point dtype\)$", 1, base=["convert_to_hf", "{ckpt}", "{out}"]),
     flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    flag("format", "lora", r"^got lora, expected one of 'full', 'peft', in --format; see `litliger convert_to_hf --help`$", USAGE, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    flag("format", "peft", r"/ckpt is not a finetune checkpoint \(finetune\.yaml missing\), in --format peft; give a step folder of a LoRA finetune, or use --format full for a model$", 1, base=["convert_to_hf", "{ckpt}", "{out}"]),
+    # convert_to_gguf: the output is one file; the gguf package is imported only by this command
+    pytest.param(["convert_to_gguf", "{missing}", "{out}"], r"/missing is not a litliger checkpoint folder: model_config\.yaml is missing", 1, id="checkpoint_dir=missing"),
+    pytest.param(["convert_to_gguf", "{ckpt}", "{ckpt}/model.gguf"], r"^output file .*/ckpt/model\.gguf is inside the input .*/ckpt; choose a path outside it$", 1, id="out_file=inside-input"),
+    pytest.param(["convert_to_gguf", "{ckpt}", "{tiny_yaml}"], r"^output file .*/tiny\.yaml exists; choose a new file, or pass --overwrite true to replace it$", 1, id="out_file=exists"),
+    flag("dtype", "q4_0", r"^got q4_0, not a GGUF type litliger writes, in --dtype; use one of f32, f16, bf16, q8_0$", 1, base=["convert_to_gguf", "{ckpt}", "{out}"]),
+    flag("overwrite", "maybe", r"^got maybe, expected bool, in --overwrite; see `litliger convert_to_gguf --help`$", USAGE, base=["convert_to_gguf", "{ckpt}", "{out}"]),
     pytest.param(["upgrade_checkpoint", "{ckpt}"], r"/ckpt holds no training state of an earlier litliger \(training_state/rank00000\.pt\), in upgrade_checkpoint; nothing to convert$", 1, id="checkpoint_dir=not-legacy"),
     # generate: sampling arguments (checked before the checkpoint is read)
     flag("max_new_tokens", "-1", must("max_new_tokens", "-1", ">= 0"), base=["generate", "{ckpt}"]),
@@ -263,6 +284,22 @@ ROWS = [
     flag("out_file", "{ckpt}", r"/ckpt is a folder, in --out_file; give the path of a file to write the JSON to$", base=EVALUATE),
     flag("out_file", "{tiny_yaml}/eval.json", r"/tiny\.yaml is a file, not a folder, in --out_file .*/tiny\.yaml/eval\.json; ", base=EVALUATE),
     flag("data", "litliger.data.Nope", r"^litliger\.data\.Nope: module 'litliger\.data' has no attribute 'Nope', in --data; ", USAGE, base=EVALUATE),
+    flag("tasks", "{missing}.yaml", r"/missing\.yaml does not exist, in --tasks; give an existing YAML file$", base=["evaluate", "{ckpt}"]),
+    flag("tasks", "x", r"^--tasks evaluates lm_eval tasks; --data, --max_seq_length and --max_batches are for the perplexity ", base=EVALUATE),
+    flag("limit", "3", r"^--limit and --num_fewshot are for lm_eval tasks; add --tasks, or leave them out$", base=["evaluate", "{ckpt}"]),
+    flag("limit", "0", must("limit", "0", ">= 1"), base=["evaluate", "{ckpt}", "--tasks", "x"]),
+    # serve: everything is checked before the model loads
+    flag("port", "70000", r"^port=70000 is not a TCP port, in --port; use 1\.\.65535, or 0 for any free port$", base=["serve", "{ckpt}"]),
+    flag("max_batch_size", "0", must("max_batch_size", "0", ">= 1"), base=["serve", "{ckpt}"]),
+    flag("max_seq_length", "0", must("max_seq_length", "0", ">= 1"), base=["serve", "{ckpt}"]),
+    flag("api_key", " ", r"^the API key is empty or padded with spaces, in --api_key; ", base=["serve", "{ckpt}"]),
+    flag("model_name", " ", r"^model_name is empty, in --model_name; ", base=["serve", "{ckpt}"]),
+    flag("device", "tpu", r"^device='tpu' is not a device, in --device; ", base=["serve", "{ckpt}"]),
+    flag("precision", "fp32", r"^got fp32, expected one of .*, in --precision; ", USAGE, base=["serve", "{ckpt}"]),
+    flag("max_body_bytes", "0", must("max_body_bytes", "0", ">= 1"), base=["serve", "{ckpt}"]),
+    pytest.param(["serve", "{missing}", "--port", "0"], r"^No tokenizer\.json in .*/missing: the checkpoint has no tokenizer, in CHECKPOINT_DIR; ", 1, id="checkpoint_dir=missing"),
+    flag("num_fewshot", "-1", must("num_fewshot", "-1", ">= 0"), base=["evaluate", "{ckpt}", "--tasks", "x"]),
+    flag("host", "no.such.host.invalid", r"^cannot listen on no\.such\.host\.invalid:8000 \(.*\), in --host/--port; ", base=["serve", "{ckpt}"]),
     # prepare
     pytest.param(["prepare", "--out_dir", "{out}"], r"^no data, in --data; name a corpus, e\.g\. --data litliger\.data\.Corpus", 1, id="data=none"),
     pytest.param(["prepare", "--data", "litliger.data.Corpus", "--data.path", "{corpus}"], r"^no output, in --out_dir; give a new or empty folder", 1, id="out_dir=none"),
@@ -399,6 +436,14 @@ class Files:
         folder.mkdir()
         base = {"checkpoint_dir": str(self.ckpt), "tensors_sha256": "0" * 64}
         (folder / "finetune.yaml").write_text(yaml.safe_dump({"method": "lora", "trainable": [], "base": base}))
+        return folder
+
+    @cached_property
+    def peft_adapter(self) -> Path:
+        """A PEFT LoRA folder's adapter_config.json (no weights: the rows fail before they are read)."""
+        folder = self.root / "peft_adapter"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
         return folder
 
     @cached_property

@@ -16,6 +16,9 @@ How they run:
   made once per session and copied in, or tiny generated stand-ins of user data;
 - a command that takes longer than a minute on a 2-core CPU runs with the extra flags of SHORTEN appended (and
   nothing else changed);
+- a command that runs until stopped (``litliger serve``) is in BACKGROUND: it is started and waited for until it
+  prints the line given there, the commands after it talk to it, and the session stops it with SIGTERM at its
+  end (it must exit 0);
 - a command is left out only through SKIP (never runs here) or GPU (runs only where CUDA is), each with its
   reason. Keys are ``"<file>: <first line of the command, without its trailing comment>"`` (of a python block: its
   first line that is not an import), so they survive
@@ -30,13 +33,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hf_hub import add_to_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(f"tutorials/{p.name}" for p in (ROOT / "tutorials").glob("*.md"))]
@@ -55,7 +61,25 @@ SKIP = {
     'tutorials/generate.md: lm_eval.simple_evaluate(model=LitligerLM(checkpoint_dir="out/pretrain/debug/final"), '
     'tasks=["hellaswag"])': "downloads the hellaswag dataset",
     "README.md: litliger finetune --config config_hub/finetune/debug-dpo.yaml": "the same command runs from tutorials/align.md",
+    'tutorials/generate.md: pip install -e ".[eval]"': "installs a package (network)",
+    'tutorials/generate.md: pip install -e ".[serve]"': "installs a package (network)",
+    "tutorials/generate.md: litliger evaluate out/pretrain/debug/final --tasks hellaswag,arc_easy --limit 100 "
+    "--num_fewshot 0": "downloads the hellaswag and arc_easy datasets",
+    "tutorials/generate.md: litliger serve out/finetune/debug/final --port 8080 --api_key "
+    '"$(openssl rand -hex 16)" --max_batch_size 16': "the same server with other flags; tests/test_serve.py starts it with --api_key and --max_batch_size",
+    "tutorials/generate.md: LITLIGER_API_KEY=secret litliger serve out/pretrain/debug/final --host 0.0.0.0": "listens on every interface; tests/test_serve.py checks the key",
+    "README.md: litliger download Qwen/Qwen2.5-0.5B": "the same command runs from tutorials/convert.md",
+    "README.md: litliger convert_to_hf out/finetune/debug/step-00000100 hf_export/debug-lora --format peft": "the same command runs from tutorials/convert.md",
+    "README.md: litliger convert_from_hf hf_export/debug-lora checkpoints/debug-lora --base out/pretrain/debug/final": "the same command runs from tutorials/convert.md",
+    "README.md: litliger convert_to_gguf out/pretrain/debug/final out/debug-q8_0.gguf --dtype q8_0": "the same command runs from tutorials/convert.md",
+    "README.md: litliger serve out/pretrain/debug/final": "runs until stopped; the same server and requests run from tutorials/generate.md",
+    'README.md: curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\': "needs the server; the same request runs from tutorials/generate.md",
     "README.md: litliger finetune --config config_hub/finetune/debug.yaml": "the same command runs from tutorials/finetune.md",
+    'tutorials/convert.md: llama-completion -m out/debug-q8_0.gguf -no-cnv -p "def " -n 64 --temp 0': "needs llama.cpp's programs (not installed); tests/test_gguf.py runs the file in llama.cpp through llama-cpp-python",
+    'tutorials/convert.md: llama-cli -m out/debug-q8_0.gguf -p "def " -n 64 --temp 0': "needs llama.cpp's programs (not installed); tests/test_gguf.py runs the file in llama.cpp through llama-cpp-python",
+    "tutorials/convert.md: llama-server -m out/debug-q8_0.gguf --jinja": "needs llama.cpp's programs (not installed), and runs until stopped",
+    "tutorials/convert.md: ollama create debug -f Modelfile": "needs Ollama (not installed)",
+    'tutorials/convert.md: ollama run debug "def "': "needs Ollama (not installed)",
     "tutorials/kernels.md: rms_norm(x, weight, eps=1e-6, offset=0.0) -> y": "a list of signatures (the API contract), not code",
     "tutorials/kernels.md: python -m pytest tests/test_kernels_*.py": "runs part of the test suite (minutes)",
     "tutorials/kernels.md: python -m benchmarks.kernels [--interpreter] [--kernels rms_norm rope ...] [--reps 10] "
@@ -75,6 +99,9 @@ SKIP = {
     "tutorials/resume.md: litliger upgrade_checkpoint out/run/step-00000400": "needs a checkpoint of an earlier litliger version (pickled training state)",
     "tutorials/resume.md: litliger pretrain --config my.yaml --resume out/run/step-00000400": "needs step 400 of a longer run",
 }
+
+# Servers: started in the background, ready when their output has this text; stopped (SIGTERM, exit 0) at the end.
+BACKGROUND = {"tutorials/generate.md: litliger serve out/pretrain/debug/final": "listening on http://127.0.0.1:8000"}
 
 # Run only where CUDA is (marked gpu; tests/conftest.py skips them elsewhere), with the reason.
 GPU = {
@@ -239,12 +266,35 @@ class Session:
             PATH=f"{base / 'bin'}{os.pathsep}{os.environ['PATH']}",
             LITLIGER_CACHE=str(base / "cache"),
             HF_HUB_OFFLINE="1",
+            HF_HUB_CACHE=str(base / "hf_cache"),  # a cache of stand-ins (FIXTURES), never the user's
             HF_DATASETS_OFFLINE="1",
             WANDB_MODE="disabled",
             PYTHONUNBUFFERED="1",
         )
         self.runs = base / "runs"
         self.workdirs: dict[str, Path] = {}
+        self.servers: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, snippet: Snippet, cwd: Path) -> None:
+        """Start a BACKGROUND command and wait for its ready line (its output is read, so it never blocks)."""
+        proc = subprocess.Popen(["bash", "-e", "-c", f"exec {snippet.code}"], cwd=cwd, env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.servers.append((snippet.id, proc))
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if BACKGROUND[snippet.key] in line:
+                threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain the rest
+                return
+        raise AssertionError(f"{snippet.id} exited ({proc.wait()}) before it was ready:\n{''.join(seen)[-4000:]}")
+
+    def stop_servers(self) -> None:
+        codes = {}
+        for id, proc in self.servers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            codes[id] = proc.wait(timeout=60)
+        assert all(code == 0 for code in codes.values()), f"servers that did not exit 0 on SIGTERM: {codes}"
 
     def workdir(self, file: str) -> Path:
         if file not in self.workdirs:
@@ -300,6 +350,18 @@ def _finetune_step_100(s: Session, wd: Path) -> None:
 
 def _standin_model(name: str) -> Callable[[Session, Path], None]:
     return lambda s, wd: _copy(s.pretrain_run() / "final", wd / "checkpoints" / name)
+
+
+def _hub_standin(repo_id: str) -> Callable[[Session, Path], None]:
+    """The debug model (as convert_to_hf writes it) as repo ``repo_id`` in the session's Hugging Face cache,
+    for `litliger download` (HF_HUB_OFFLINE=1)."""
+
+    def make(s: Session, wd: Path) -> None:
+        cache = Path(s.env["HF_HUB_CACHE"])
+        if not (cache / f"models--{repo_id.replace('/', '--')}").exists():
+            add_to_cache(cache, repo_id, {p.name: p.read_bytes() for p in s.hf_model().iterdir() if p.is_file()})
+
+    return make
 
 
 RECORDS = [
@@ -375,6 +437,30 @@ data:
 tokenizer_dir: checkpoints/TinyLlama-1.1B
 """
 
+
+def _quiz_task(s: Session, wd: Path) -> None:
+    """A local multiple-choice lm_eval task on local JSON lines."""
+    docs = [{"question": "def add(a, b):\n    return a", "choices": [" + b", " * c"], "label": 0},
+            {"question": "import", "choices": [" os", " )("], "label": 0}]  # fmt: skip
+    _write("my_tasks/quiz.jsonl", "".join(json.dumps(d) + "\n" for d in docs))(s, wd)
+    _write(
+        "my_tasks/quiz.yaml",
+        f"""task: quiz
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {wd / "my_tasks/quiz.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""",
+    )(s, wd)
+
+
 MY_SCRIPT = """\
 import torch
 from litliger.kernels import rms_norm, rms_norm_torch
@@ -393,6 +479,9 @@ FIXTURES: dict[str, Callable[[Session, Path], None]] = {
     "path/to/hf_model": lambda s, wd: _copy(s.hf_model(), wd / "path/to/hf_model"),
     "checkpoints/Qwen2.5-0.5B": _standin_model("Qwen2.5-0.5B"),
     "checkpoints/TinyLlama-1.1B": _standin_model("TinyLlama-1.1B"),
+    # stand-ins for Hub repos, in the session's Hugging Face cache (the commands run offline)
+    "Qwen/Qwen2.5-0.5B": _hub_standin("Qwen/Qwen2.5-0.5B"),
+    "EleutherAI/pythia-160m": _hub_standin("EleutherAI/pythia-160m"),
     # stand-ins for a user's data and files
     "my_records.jsonl": _write("my_records.jsonl", "".join(json.dumps(r) + "\n" for r in RECORDS)),
     "alpaca.json": _write("alpaca.json", json.dumps(RECORDS[:40])),
@@ -401,6 +490,7 @@ FIXTURES: dict[str, Callable[[Session, Path], None]] = {
     "my_mixture.yaml": _write("my_mixture.yaml", MY_MIXTURE),
     "my.yaml": _my_yaml,  # a run already in out/run, as the resume commands assume
     "my_script.py": _write("my_script.py", MY_SCRIPT),
+    "my_tasks/quiz.yaml": _quiz_task,
 }
 # what a stand-in needs made before it
 FIXTURE_NEEDS = {"my_mixture.yaml": ["slimpajama/", "corpus/", "checkpoints/TinyLlama-1.1B"]}
@@ -414,8 +504,10 @@ CONFIG_NEEDS = {
 
 
 @pytest.fixture(scope="session")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
-    return Session(tmp_path_factory.mktemp("docs"))
+def session(tmp_path_factory: pytest.TempPathFactory):
+    s = Session(tmp_path_factory.mktemp("docs"))
+    yield s
+    s.stop_servers()
 
 
 def _prepare(s: Session, wd: Path, code: str) -> None:
@@ -438,7 +530,7 @@ def test_tables_name_existing_commands() -> None:
     """Every SKIP / GPU / SHORTEN entry still names a command of the docs, with a reason; keys are unique."""
     keys = [s.key for s in SNIPPETS]
     assert len(keys) == len(set(keys)), [k for k in keys if keys.count(k) > 1]
-    for table in (SKIP, GPU, SHORTEN):
+    for table in (SKIP, GPU, SHORTEN, BACKGROUND):
         stale = sorted(set(table) - set(keys))
         assert not stale, f"entries that match no command any more (update them): {stale}"
     assert all(reason.strip() for reason in (*SKIP.values(), *GPU.values()))
@@ -461,6 +553,9 @@ def test_doc_command(snippet: Snippet, session: Session) -> None:
         pytest.skip(SKIP[snippet.key])
     wd = session.workdir(snippet.file)
     _prepare(session, wd, snippet.code)
+    if snippet.key in BACKGROUND:
+        session.start(snippet, wd)
+        return
     if snippet.lang == "python":
         cmd = [sys.executable, "-c", snippet.code]
     else:

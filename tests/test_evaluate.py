@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,37 @@ def test_lm_eval_model(base):
     assert "\n" not in text
 
 
+TINY_DOCS = [
+    {"question": "alpha beta", "choices": ["gamma", "delta"], "label": 0},
+    {"question": "beta gamma", "choices": ["delta", "alpha"], "label": 0},
+    {"question": "gamma delta", "choices": ["alpha", "epsilon"], "label": 1},
+    {"question": "delta epsilon", "choices": ["zeta", "beta", "eta"], "label": 2},
+]
+
+
+def write_tiny_task(tmp_path, monkeypatch) -> tuple[list[dict], Path]:
+    """A multiple-choice lm_eval task ``litliger_tiny`` on local JSON lines (nothing downloaded): (docs, its YAML)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in TINY_DOCS))
+    (tmp_path / "tiny.yaml").write_text(
+        "task: litliger_tiny\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tiny.jsonl'}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+        "    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return TINY_DOCS, tmp_path / "tiny.yaml"
+
+
+def expected_accuracy(base, lm, docs: list[dict]) -> float:
+    """The accuracy the model's own log-likelihoods give (lm_eval's default delimiter: a space before a choice)."""
+    model = GPT.from_checkpoint(base).eval()
+    scores = lambda d: [continuation_logprob(model, *lm.split(d["question"], " " + c))[0] for c in d["choices"]]
+    best = [max(range(len(d["choices"])), key=scores(d).__getitem__) for d in docs]
+    return sum(b == d["label"] for b, d in zip(best, docs, strict=True)) / len(docs)
+
+
 def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
     """``lm_eval.simple_evaluate`` on a multiple-choice task written here (local JSON, nothing downloaded):
     its accuracy is the one the model's own log-likelihoods give."""
@@ -116,22 +148,7 @@ def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
 
     from litliger.eval.lm_eval import LitligerLM
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    docs = [
-        {"question": "alpha beta", "choices": ["gamma", "delta"], "label": 0},
-        {"question": "beta gamma", "choices": ["delta", "alpha"], "label": 0},
-        {"question": "gamma delta", "choices": ["alpha", "epsilon"], "label": 1},
-        {"question": "delta epsilon", "choices": ["zeta", "beta", "eta"], "label": 2},
-    ]
-    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "tiny.yaml").write_text(
-        "task: litliger_tiny\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tiny.jsonl'}\n"
-        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
-        "    aggregation: mean\n    higher_is_better: true\n"
-    )
+    docs, _ = write_tiny_task(tmp_path, monkeypatch)
     lm = LitligerLM(checkpoint_dir=base, device="cpu")
     tasks = TaskManager(include_path=str(tmp_path))
     results = lm_eval.simple_evaluate(model=lm, tasks=["litliger_tiny"], task_manager=tasks, log_samples=True)
@@ -142,6 +159,28 @@ def test_lm_eval_runs_a_local_task(base, tmp_path, monkeypatch):
 
     for sample in results["samples"]["litliger_tiny"]:  # every request lm_eval made, scored as the model does
         assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(scores(docs[sample["doc_id"]]), rel=1e-5)
-    best = [max(range(len(d["choices"])), key=scores(d).__getitem__) for d in docs]
-    expected = sum(b == d["label"] for b, d in zip(best, docs, strict=True)) / len(docs)
-    assert results["results"]["litliger_tiny"]["acc,none"] == pytest.approx(expected)
+    assert results["results"]["litliger_tiny"]["acc,none"] == pytest.approx(expected_accuracy(base, lm.llm, docs))
+
+
+def test_evaluate_tasks_writes_lm_evals_results_and_prints_its_table(base, tmp_path, monkeypatch, capsys):
+    """``litliger evaluate CHECKPOINT --tasks tiny.yaml``: lm_eval's JSON and table, the same accuracy."""
+    pytest.importorskip("lm_eval")
+    from litliger.inference.llm import LLM
+
+    docs, task = write_tiny_task(tmp_path, monkeypatch)
+    out = tmp_path / "results" / "tiny.json"
+    evaluate(base, tasks=[str(task)], limit=3, out_file=out, device="cpu")
+    written = json.loads(out.read_text())
+    assert written["results"]["litliger_tiny"]["acc,none"] == pytest.approx(
+        expected_accuracy(base, LLM.load(base, device="cpu"), docs[:3])
+    )
+    assert written["config"]["checkpoint_dir"] == str(base) and written["n-samples"]["litliger_tiny"]["effective"] == 3
+    table = capsys.readouterr().out
+    assert "litliger_tiny" in table and "|acc" in table.replace(" ", "") and f"wrote {out}" in table
+    with pytest.raises(ValueError, match="unknown lm_eval task 'no_such_task_xyz', in --tasks"):
+        evaluate(base, tasks=["no_such_task_xyz"], out_file=tmp_path / "x.json", device="cpu")
+    with pytest.raises(ValueError, match="--limit and --num_fewshot are for lm_eval tasks"):
+        evaluate(base, limit=3, device="cpu")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"pip install 'litliger\[eval\]'"):
+        evaluate(base, tasks=[str(task)], out_file=tmp_path / "y.json", device="cpu")

@@ -23,7 +23,7 @@ LAYERS = [
     ("checkpoint",),
     ("data",),
     ("convert", "inference"),
-    ("eval", "engine"),
+    ("eval", "engine", "serve"),
     ("recipes",),
     ("tools",),
     ("cli", "__main__", "__init__"),

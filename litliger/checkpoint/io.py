@@ -218,6 +218,50 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
+def atomic_file(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (``.litliger-tmp.<name>.<hex>``) that becomes ``final`` when the
+    block ends without error: ``atomic_dir`` for one file (``convert_to_gguf``'s output).
+
+    The caller creates the file (a plain ``open``: its mode follows the umask). It is flushed to disk, then
+    published by a rename that replaces an existing ``final`` when ``overwrite``, else by a hard link that fails
+    if ``final`` appeared meanwhile (where the filesystem has no hard links: a rename after a last look). On
+    error the temporary file is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = scratch_path(final, "tmp")
+    try:
+        with disk_full_is_one_line(final):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, final)
+            else:
+                _link_new(tmp, final)
+            _fsync_tree(final.parent, files=False)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, final: Path) -> None:
+    """Publish ``tmp`` as ``final`` only if no ``final`` exists, atomically where the filesystem allows it."""
+    try:
+        os.link(tmp, final)
+        return
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here (some network and FUSE filesystems)
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+    raise FileExistsError(
+        f"output file {final} appeared while it was written, nothing was replaced; choose a new file, or pass "
+        "--overwrite true to replace it"
+    )
+
+
+@contextmanager
 def disk_full_is_one_line(target: Path) -> Iterator[None]:
     """A full disk (or quota) while writing ``target`` becomes an ``OSError`` whose message says so in one line;
     the caller removes its temporary folder, so what was there before is all that remains."""

@@ -63,3 +63,11 @@ def is_leftover(name: str) -> tuple[str, str] | None:
     """(kind, checkpoint name) when ``name`` is a scratch sibling a save of a step or final checkpoint made."""
     match = _LEFTOVER.match(name)
     return (match.group(1), match.group(2)) if match else None
+
+
+def run_name(checkpoint_dir: Path) -> str:
+    """A checkpoint's name for clients: its folder, or its run's folder for step-XXXXXXXX/ and final/."""
+    path = checkpoint_dir.resolve()
+    if path.name == "final" or path.name.startswith("step-"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name

@@ -1,13 +1,14 @@
 """Guards for folders a command writes into: nothing a user or a training run holds is ever lost.
 
 ``check_output_dir`` is called by every command that publishes a folder with ``checkpoint.atomic_dir``
-(convert_from_hf, convert_to_hf, merge_lora), because publishing replaces an existing folder whole.
+(convert_from_hf, convert_to_hf, merge_lora), because publishing replaces an existing folder whole;
+``check_output_file`` by a command that publishes one file (convert_to_gguf, with ``io.atomic_file``).
 ``check_run_dir`` decides whether a training run may use a folder as its ``out_dir`` at all, ``RunLock``
 makes a run the only writer of its ``out_dir``, and ``sweep_leftovers`` removes what an interrupted save
 of that run left behind: only names litliger itself creates (``scratch_path``), never a user's folder.
 
-All of it lives here, below the engine and the recipes, and imports only the standard library, so any
-layer can use it.
+All of it lives here, below the engine and the recipes, and imports only the standard library (and
+``util.files``), so any layer can use it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from .layout import FINAL_DIR, LOCK_FILE, STEP_DIR_PATTERN, TRAINING_STATE_DIR, is_leftover
+from ..util.files import check_out_file
+from .layout import (
+    CHECKSUMS_FILE,
+    CONFIG_FILE,
+    FINAL_DIR,
+    LOCK_FILE,
+    STEP_DIR_PATTERN,
+    TRAINING_STATE_DIR,
+    is_leftover,
+)
 
 
 def sweep_leftovers(out_dir: Path) -> list[str]:
@@ -119,6 +129,47 @@ def check_output_dir(
             f"output folder {out_dir} is not empty (holds {_names(entries)}); choose an empty or new folder, "
             f"or pass {flag} true to replace it"  # jsonargparse's bool flags take a value
         )
+
+
+def check_output_file(
+    out_file: str | Path, *, inputs: Sequence[str | Path], overwrite: bool, flag: str = "--overwrite"
+) -> None:
+    """``check_output_dir`` for a command that publishes one file (``convert_to_gguf``); raise ``ValueError``.
+
+    Always refused, even with ``overwrite``: a path inside an input folder, inside a checkpoint folder (it
+    holds model_config.yaml or checksums.json) or inside a training run's folder (``is_run_dir``, or a
+    ``training_state/`` beside it), at any depth, since a file added there changes what the folder holds; a
+    folder, or a path that cannot be written (``check_out_file``). An existing file is refused unless
+    ``overwrite``. Call it before the work and again just before publishing.
+    """
+    check_out_file(Path(out_file), "give the path of the file to write")
+    out = Path(out_file).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out.is_relative_to(src):
+            raise ValueError(f"output file {out_file} is inside the input {source}; choose a path outside it")
+    for folder in out.parents:
+        if _is_checkpoint_folder(folder) or _readable_run_dir(folder):
+            raise ValueError(
+                f"output file {out_file} is inside the checkpoint or training run {folder}; choose a path outside "
+                f"it ({flag} never writes into checkpoints)"
+            )
+    if out.exists() and not overwrite:  # jsonargparse's bool flags take a value
+        raise ValueError(f"output file {out_file} exists; choose a new file, or pass {flag} true to replace it")
+
+
+def _is_checkpoint_folder(folder: Path) -> bool:
+    """A checkpoint folder or one of its parts: it holds model_config.yaml, checksums.json or training_state/."""
+    return any((folder / name).exists() for name in (CONFIG_FILE, CHECKSUMS_FILE, TRAINING_STATE_DIR))
+
+
+def _readable_run_dir(folder: Path) -> bool:
+    """``is_run_dir`` for a folder above an output file; one that does not exist or cannot be listed (a parent
+    such as /home without read permission) holds no run this process could have written."""
+    try:
+        return folder.is_dir() and is_run_dir(folder)
+    except OSError:
+        return False
 
 
 def _training_run_marks(folder: Path) -> list[str]:

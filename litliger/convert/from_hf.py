@@ -13,6 +13,7 @@ import torch
 from ..checkpoint.io import atomic_dir, copy_tokenizer_files, write_model_files
 from ..checkpoint.safety import check_output_dir
 from ..model.config import Config
+from .from_peft import convert_from_peft, is_peft_folder
 from .hf_config import config_from_hf, hf_family, read_hf_config
 from .hf_files import HFWeights
 from .weight_maps import FamilyMap, family_map, listing, model_shapes
@@ -48,9 +49,16 @@ def main_dtype(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def convert_from_hf(
-    hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None, *, overwrite: bool = False
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | str | None = None,
+    *,
+    base: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Convert the Hugging Face model in ``hf_dir`` into the litliger checkpoint folder ``out_dir``.
+    """Convert the Hugging Face model in ``hf_dir`` into the litliger checkpoint folder ``out_dir``; or, when
+    ``hf_dir`` is a PEFT LoRA adapter (it holds adapter_config.json), into a finetune step folder on the litliger
+    checkpoint ``base`` (``convert_from_peft``).
 
     Reads config.json and the weights (safetensors or .bin, sharded or not), maps every weight through the
     family's explicit map, and writes ``out_dir`` atomically: on any error nothing is left behind and an
@@ -66,10 +74,25 @@ def convert_from_hf(
         out_dir: the litliger checkpoint folder to write (a new or empty one, else ``--overwrite true``).
         dtype: cast floating-point tensors to this dtype: bfloat16, float16 or float32 (a torch.dtype, or
             torch.<name>, also works); default: keep them.
+        base: for a PEFT adapter folder: the litliger checkpoint folder of the model it adapts (converted with
+            convert_from_hf); the output is a finetune step folder on it.
         overwrite: replace a non-empty ``out_dir`` (never the input, a folder around or inside it, or a run).
     """
     dtype = resolve_dtype(dtype)
     hf_dir = Path(hf_dir)
+    if is_peft_folder(hf_dir):
+        if base is None:
+            raise ValueError(
+                f"{hf_dir} is a PEFT adapter (adapter_config.json), in --base; name the litliger checkpoint folder "
+                "of the model it adapts with --base (convert that model with convert_from_hf first)"
+            )
+        written(convert_from_peft(hf_dir, out_dir, base, dtype, overwrite=overwrite), out_dir)
+        return Path(out_dir)
+    if base is not None:
+        raise ValueError(
+            f"{hf_dir} is not a PEFT adapter folder (no adapter_config.json), in --base; --base is for adapters: "
+            "drop it to convert a full model"
+        )
     check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)
     hf = read_hf_config(hf_dir)
     family = hf_family(hf)
@@ -78,7 +101,7 @@ def convert_from_hf(
         config = _with_embedding_rows(config, weights, family)
         state_dict = state_dict_from_hf(weights, config, family, dtype)
     with atomic_dir(out_dir) as tmp:
-        write_model_files(tmp, state_dict, config, save_tokenizer=lambda folder: _copy_tokenizer(hf_dir, folder, hf))
+        write_model_files(tmp, state_dict, config, save_tokenizer=lambda folder: copy_hf_tokenizer(hf_dir, folder, hf))
         check_output_dir(out_dir, inputs=[hf_dir], overwrite=overwrite)  # again: it may have changed meanwhile
     written(state_dict, out_dir)
     return Path(out_dir)
@@ -160,7 +183,7 @@ def state_dict_from_hf(
     return state_dict
 
 
-def _copy_tokenizer(hf_dir: Path, folder: Path, hf: dict) -> None:
+def copy_hf_tokenizer(hf_dir: Path, folder: Path, hf: dict) -> None:
     """Tokenizer files, plus generation_config.json so the tokenizer loader can find bos/eos ids.
 
     generation_config.json is copied when present; otherwise the bos/eos ids of config.json (if any) are

@@ -4,26 +4,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..checkpoint.io import atomic_dir, copy_tokenizer_files, load_state_dict, read_config
+from ..checkpoint.finetuned import is_finetune_checkpoint, load_finetuned
+from ..checkpoint.io import atomic_dir, copy_tokenizer_files, load_state_dict, read_config, read_finetune_meta
 from ..checkpoint.safety import check_output_dir
 from ..checkpoint.tensor_files import save_tensors
 from ..data.tokenizer import Tokenizer
 from ..model.config import Config
+from ..model.lora import merge_lora
 from .from_hf import GENERATION_CONFIG, main_dtype, resolve_dtype, written
 from .hf_config import config_to_hf
+from .to_peft import convert_to_peft
 from .weight_maps import family_map, listing, model_shapes
 
 HF_WEIGHTS = "model.safetensors"
 
 
 def convert_to_hf(
-    checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None, *, overwrite: bool = False
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | str | None = None,
+    *,
+    format: Literal["full", "peft"] = "full",
+    overwrite: bool = False,
 ) -> Path:
     """Convert the litliger checkpoint folder ``checkpoint_dir`` into a Hugging Face folder ``out_dir``.
+
+    A finetune's step folder is merged on the way (its LoRA adapters folded into its base's weights) with
+    ``format="full"``; ``format="peft"`` writes its LoRA adapter as a PEFT folder instead (``convert_to_peft``).
 
     ``out_dir`` gets config.json (architectures, model_type, dtype, bos/eos/pad token ids) and model.safetensors
     that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, the tokenizer files, and a
@@ -36,18 +47,30 @@ def convert_to_hf(
     weights do not match it.
 
     Args:
-        checkpoint_dir: a litliger checkpoint folder (model.safetensors, model_config.yaml, tokenizer files).
+        checkpoint_dir: a litliger checkpoint folder (model.safetensors, model_config.yaml, tokenizer files), or a
+            finetune's step folder (trainable.safetensors + finetune.yaml on its base).
         out_dir: the Hugging Face folder to write (a new or empty one, else ``--overwrite true``).
         dtype: cast floating-point tensors to this dtype: bfloat16, float16 or float32 (a torch.dtype, or
             torch.<name>, also works); default: keep them.
+        format: ``full``: a model folder for transformers (a step folder merged); ``peft``: a LoRA finetune's
+            adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors) for the exported base.
         overwrite: replace a non-empty ``out_dir`` (never the checkpoint, a folder around or inside it, or a run).
     """
+    if format not in ("full", "peft"):
+        raise ValueError(f"got {format!r}, in --format; use full or peft")
+    if format == "peft":
+        return convert_to_peft(checkpoint_dir, out_dir, dtype, overwrite=overwrite)
     dtype = resolve_dtype(dtype)
     checkpoint_dir = Path(checkpoint_dir)
-    check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)
+    finetuned = is_finetune_checkpoint(checkpoint_dir)
+    inputs = [checkpoint_dir]
+    if finetuned:  # its base is an input too: never replaced by the output
+        inputs.append(Path(read_finetune_meta(checkpoint_dir)["base"]["checkpoint_dir"]))
+    check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
     config = read_config(checkpoint_dir)
     hf = config_to_hf(config)
-    tensors = state_dict_to_hf(load_state_dict(checkpoint_dir), config, hf["model_type"], dtype)
+    state_dict = _merged_state_dict(checkpoint_dir) if finetuned else load_state_dict(checkpoint_dir)
+    tensors = state_dict_to_hf(state_dict, config, hf["model_type"], dtype)
     # transformers 5 reads "dtype"; transformers 4 read "torch_dtype"
     hf["dtype"] = hf["torch_dtype"] = main_dtype(tensors)
     generation = _read_json(checkpoint_dir / GENERATION_CONFIG)
@@ -61,9 +84,17 @@ def convert_to_hf(
         if generation or ids:  # the checkpoint's generation settings, with the ids transformers stops at
             with open(tmp / GENERATION_CONFIG, "w", encoding="utf-8") as f:
                 json.dump({**generation, **ids}, f, indent=2)
-        check_output_dir(out_dir, inputs=[checkpoint_dir], overwrite=overwrite)  # again: it may have changed meanwhile
+        check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)  # again: it may have changed meanwhile
     written(tensors, out_dir)
     return Path(out_dir)
+
+
+def _merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """A finetune step folder's model (base + trained tensors, verified) with its adapters merged (fp32, rounded
+    once): the parameters of the base's names, in the stored dtype."""
+    model = load_finetuned(step_dir)
+    merge_lora(model)
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def state_dict_to_hf(

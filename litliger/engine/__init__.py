@@ -9,31 +9,54 @@
     session.py, signals.py, metrics.py, optim.py, args.py   the run lock and signals, metrics.jsonl and
                        loggers, the optimizer and LR schedule, the argument groups
 
+Names are imported from their module on first use (PEP 562): ``from litliger.engine.signals import ...`` or
+``from litliger.engine import fit`` loads only what it names, so a command that never trains (serve, generate,
+convert) does not import Lightning through this package.
+
 May import: ``util``, ``kernels``, ``nn``, ``model``, ``checkpoint``, ``data``, Lightning. Never the
 recipes, inference or eval.
 """
 
-from ..model.parallelize import unwrap
-from .args import EvalArgs, OptimizerArgs, PlanArgs, TrainArgs
-from .loop import FitSetup, Progress, fit
-from .losses import LossFn, next_token_count, next_token_loss, validate
-from .metrics import make_loggers
-from .optim import build_optimizer, lr_at
-from .runtime import check_memory_options, is_fsdp, make_fabric, reshard, setup_model
-from .session import training_session
-from .signals import RunInterrupted, StopSignals
-from .training_state import (
-    check_resumable,
-    find_resume_checkpoint,
-    finished_run,
-    has_checkpoints,
-    is_complete,
-    load_training_state,
-    on_rank_zero,
-    resolve_resume,
-    resolve_resume_on_all_ranks,
-    save_training_checkpoint,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "EvalArgs": "args",
+    "OptimizerArgs": "args",
+    "PlanArgs": "args",
+    "TrainArgs": "args",
+    "FitSetup": "loop",
+    "Progress": "loop",
+    "fit": "loop",
+    "LossFn": "losses",
+    "next_token_count": "losses",
+    "next_token_loss": "losses",
+    "validate": "losses",
+    "make_loggers": "metrics",
+    "build_optimizer": "optim",
+    "lr_at": "optim",
+    "check_memory_options": "runtime",
+    "is_fsdp": "runtime",
+    "make_fabric": "runtime",
+    "reshard": "runtime",
+    "setup_model": "runtime",
+    "training_session": "session",
+    "RunInterrupted": "signals",
+    "StopSignals": "signals",
+    "check_resumable": "training_state",
+    "find_resume_checkpoint": "training_state",
+    "finished_run": "training_state",
+    "has_checkpoints": "training_state",
+    "is_complete": "training_state",
+    "load_training_state": "training_state",
+    "on_rank_zero": "training_state",
+    "resolve_resume": "training_state",
+    "resolve_resume_on_all_ranks": "training_state",
+    "save_training_checkpoint": "training_state",
+    "unwrap": "..model.parallelize",
+}
 
 __all__ = [
     "EvalArgs",
@@ -70,3 +93,16 @@ __all__ = [
     "unwrap",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'litliger.engine' has no attribute {name!r}")
+    module = _WHERE[name]
+    value = getattr(importlib.import_module(module if module.startswith("..") else f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.layout import RUN_FILE
+from ..checkpoint.layout import RUN_FILE, run_name
 from ..data import DataModule, Instructions, Preferences, PythonStdlib
 from ..data.base import data_from_record, read_run_record
 from ..inference.loading import Precision, load_for_inference, recorded_prompt_style
-from ..util.checks import check_positive
+from ..util.checks import check_at_least, check_positive
 from ..util.files import check_out_file, write_atomically
 from .scoring import split_loss
 
@@ -42,10 +42,15 @@ def main(
     out_file: Path | None = None,
     precision: Precision = "auto",
     device: str = "auto",
+    tasks: str | list[str] | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
 ) -> dict[str, Any]:
-    """``litliger evaluate``: the checkpoint's mean loss and perplexity on ``data``'s validation split.
+    """``litliger evaluate``: the checkpoint's mean loss and perplexity on ``data``'s validation split, or with
+    ``--tasks`` lm-evaluation-harness tasks (``pip install 'litliger[eval]'``).
 
-    Printed as JSON on stdout, and written to ``out_file`` when given.
+    Printed as JSON on stdout, and written to ``out_file`` when given. With ``--tasks``: lm_eval's table, and its
+    results JSON written to ``out_file`` (default ``out/evaluate/<checkpoint name>/results.json``).
 
     Args:
         checkpoint_dir: a checkpoint folder or a finetuning step folder, with its tokenizer.
@@ -59,10 +64,30 @@ def main(
         out_file: also write the JSON here (checked before any work; written whole or not at all).
         precision: the weights' dtype (auto: bf16-true on GPUs that support it, else 32-true).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        tasks: lm_eval task names, local task YAML files or folders of them, separated by commas as lm_eval takes
+            them (``--tasks hellaswag,arc_easy``) or a list; runs them instead of the perplexity evaluation.
+        limit: with tasks: at most this many examples per task (a number below 1: that fraction).
+        num_fewshot: with tasks: examples in each prompt (default: each task's own).
     """
     check_positive("batch_size", batch_size, "set how many sequences go in one forward", optional=True)
     check_positive("max_seq_length", max_seq_length, "set the tokens per sequence", optional=True)
     check_positive("max_batches", max_batches, "set a number of batches, or leave it unset for all", optional=True)
+    if tasks is not None:
+        from .tasks import run_tasks
+
+        if data is not None or max_seq_length is not None or max_batches is not None:
+            raise ValueError("--tasks evaluates lm_eval tasks; --data, --max_seq_length and --max_batches are for "
+                             "the perplexity evaluation: leave them out")  # fmt: skip
+        check_positive("limit", limit, "set how many examples per task (or a fraction below 1)", optional=True)
+        if num_fewshot is not None:
+            check_at_least("num_fewshot", num_fewshot, 0, "set how many examples each prompt shows, or leave it out")
+        name = run_name(Path(checkpoint_dir)).replace("/", "-")
+        out_file = Path(out_file or Path("out/evaluate") / name / "results.json")
+        names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+        return run_tasks(Path(checkpoint_dir), names, out_file=out_file, limit=limit, num_fewshot=num_fewshot,
+                         batch_size=batch_size, device=device, precision=precision)  # fmt: skip
+    if limit is not None or num_fewshot is not None:
+        raise ValueError("--limit and --num_fewshot are for lm_eval tasks; add --tasks, or leave them out")
     if out_file is not None:
         check_out_file(
             Path(out_file), "give the path of a file to write the JSON to"

@@ -30,9 +30,22 @@ def conversation_text(style: PromptStyle, tokenizer, messages: list[dict[str, st
     so a conversation is its exchanges in a row, each reply ended by EOS."""
     if isinstance(style, ChatTemplate):
         return style.render_prompt(messages)
+    roles = [m["role"] for m in messages]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise ValueError(
+            f"the {style.name} prompt style takes user and assistant turns in turn, ending with a user turn (got "
+            f"{', '.join(roles)}), in messages; drop system messages, or finetune with a chat template"
+        )
     eos = tokenizer.decode([tokenizer.eos_id])
     done = [(u, a) for u, a in zip(messages[:-1:2], messages[1:-1:2], strict=True)]
     return "".join(style.render_prompt([u]) + a["content"] + eos for u, a in done) + style.render_prompt(messages[-1:])
+
+
+def conversation_ids(style: PromptStyle, tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids of :func:`conversation_text`, with BOS as training put it: what ``LLM.chat`` and ``litliger serve``
+    feed for a conversation (``litliger chat`` feeds the same, minus the turns its cache already holds)."""
+    text = conversation_text(style, tokenizer, messages)
+    return bos_ids(tokenizer, text) + tokenizer.encode(text, bos=False)
 
 
 class TurnTooLong(ValueError):
@@ -59,7 +72,7 @@ class Conversation:
         self.pos, self.pending, self.text = 0, [], ""
 
     def _encode(self, text: str) -> list[int]:
-        return bos_ids(self.tokenizer, text) + self.tokenizer.encode(text, bos=False)
+        return bos_ids(self.tokenizer, text) + self.tokenizer.encode(text, bos=False)  # conversation_ids' encoding
 
     def reply(self, user: str, max_new_tokens: int) -> Iterator[str]:
         """Stream the assistant's answer to ``user`` as text pieces; the turn is then part of the conversation."""

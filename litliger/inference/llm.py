@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..data.prompts import bos_ids
-from .chat import chat_style
-from .generate import TextStream, generate_tokens, prompt_ids, start_id, stop_ids
+from .answer import AnswerText
+from .chat import chat_style, conversation_ids
+from .generate import generate_tokens, prompt_ids, start_id, stop_ids
 from .loading import Precision, load_for_inference
 from .sampling import check_sampling
 from .scoring import continuation_logprob, rolling_logprob
@@ -105,10 +106,14 @@ class LLM:
         chat`` formats it and ended by EOS or the style's end-of-turn token."""
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("chat needs a conversation that ends with a user message, in messages")
-        ids = self.style.encode_prompt(self.tokenizer, messages)
+        ids = self.chat_ids(messages)
         pieces = self._pieces(ids, stop_ids(self.tokenizer, self.style), max_new_tokens, temperature, top_k, top_p,
                               seed, stop)  # fmt: skip
         return pieces if stream else "".join(pieces)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids ``chat`` feeds for ``messages``: the conversation as ``litliger chat`` formats it."""
+        return conversation_ids(self.style, self.tokenizer, messages)
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         """The ids ``generate`` feeds for ``prompt`` (BOS as the tokenizer adds it)."""
@@ -135,7 +140,7 @@ class LLM:
             self.model, torch.tensor([ids], device=self.device), max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, stop_ids=stops, vocab_size=self.tokenizer.vocab_size, generator=generator,
         )  # fmt: skip
-        return _until(steps, TextStream(self.tokenizer, skip=stops), set(stops), list(stop))
+        return _until(steps, AnswerText(self.tokenizer, stops, stop))
 
     # --- scores -------------------------------------------------------------------------------------------------
 
@@ -160,28 +165,17 @@ class LLM:
         return rolling_logprob(self.model, self.tokenizer.encode(text, bos=False), start_id(self.tokenizer))
 
 
-def _until(steps: Iterator[torch.Tensor], shown: TextStream, stops: set[int], stop: list[str]) -> Iterator[str]:
-    """The decoded pieces of ``steps`` (one row) until a stop id or a ``stop`` string (whose text is held back
-    until it can no longer start a stop string, and never shown)."""
-    held = ""
+def _until(steps: Iterator[torch.Tensor], answer: AnswerText) -> Iterator[str]:
+    """The decoded pieces of ``steps`` (one row) until the answer is finished (see ``AnswerText``)."""
     try:
         for token in steps:
-            token = int(token)
-            if token in stops:
-                break
-            held += shown.add(token)
-            cut = min((held.index(s) for s in stop if s in held), default=None)
-            if cut is not None:
-                if held[:cut]:
-                    yield held[:cut]
+            text, done = answer.add(int(token))
+            if text:
+                yield text
+            if done:
                 return
-            keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
-            if len(held) > keep:
-                yield held[: len(held) - keep]
-                held = held[len(held) - keep :]
     finally:
         steps.close()  # frees the KV cache at once, also when the caller stops reading
-    held += shown.flush()
-    cut = min((held.index(s) for s in stop if s in held), default=len(held))
-    if held[:cut]:
-        yield held[:cut]
+    tail = answer.finish()
+    if tail:
+        yield tail

@@ -46,6 +46,11 @@ TARGETS = tuple(_TARGET_PATTERNS)
 _LORA_LEAVES = ("lora_a", "lora_b")
 
 
+def lora_target(module_name: str) -> str | None:
+    """The entry of ``LoRAArgs.targets`` that adapts the Linear named ``module_name`` (None: none does)."""
+    return next((t for t, pattern in _TARGET_PATTERNS.items() if re.fullmatch(pattern, module_name)), None)
+
+
 @dataclass(frozen=True)
 class LoRAArgs:
     """``--lora.*``: the adapters of a LoRA finetune."""
