@@ -166,7 +166,8 @@ def test_lm_eval_model_encodes_contexts_as_the_tokenizer_does(trained, tokenizer
 
 
 def test_lm_eval_model_without_lm_eval_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] or ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (submodules an earlier test imported too)
     monkeypatch.delitem(sys.modules, "litliger.eval.lm_eval", raising=False)
     monkeypatch.delitem(sys.modules, "litliger.eval.evaluate", raising=False)
     expected = r"^litliger evaluate's lm_eval model needs lm-evaluation-harness: pip install 'litliger\[eval\]'$"

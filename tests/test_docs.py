@@ -72,6 +72,7 @@ SKIP = {
     "README.md: litliger convert_to_hf out/finetune/debug/step-00000100 hf_export/debug-lora --format peft": "the same command runs from tutorials/convert.md",
     "README.md: litliger convert_from_hf hf_export/debug-lora checkpoints/debug-lora --base out/pretrain/debug/final": "the same command runs from tutorials/convert.md",
     "README.md: litliger convert_to_gguf out/pretrain/debug/final out/debug-q8_0.gguf --dtype q8_0": "the same command runs from tutorials/convert.md",
+    "README.md: litliger evaluate out/finetune/debug/final --tasks my_tasks/quiz.yaml --out_file quiz.json": "the same command runs from tutorials/generate.md",
     "README.md: litliger serve out/pretrain/debug/final": "runs until stopped; the same server and requests run from tutorials/generate.md",
     'README.md: curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\': "needs the server; the same request runs from tutorials/generate.md",
     "README.md: litliger finetune --config config_hub/finetune/debug.yaml": "the same command runs from tutorials/finetune.md",

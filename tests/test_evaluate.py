@@ -181,6 +181,7 @@ def test_evaluate_tasks_writes_lm_evals_results_and_prints_its_table(base, tmp_p
         evaluate(base, tasks=["no_such_task_xyz"], out_file=tmp_path / "x.json", device="cpu")
     with pytest.raises(ValueError, match="--limit and --num_fewshot are for lm_eval tasks"):
         evaluate(base, limit=3, device="cpu")
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(ValueError, match=r"pip install 'litliger\[eval\]'"):
         evaluate(base, tasks=[str(task)], out_file=tmp_path / "y.json", device="cpu")

@@ -106,7 +106,7 @@ def test_a_changed_mixture_is_refused_and_a_new_phase_starts_it_fresh(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp"])  # ranks read the mixture alike under DDP: DDP adds nothing here
 def test_mixture_resumes_bitwise_on_two_processes(tmp_path, two_sources, strategy):
     config = tmp_path / "model.yaml"
     tiny_config().save(config)

@@ -246,16 +246,17 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server: Server) -
     assert server.client().completions.create(model="any", prompt="delta", max_tokens=2, temperature=0).choices
 
 
-def test_sigterm_lets_a_running_stream_finish_and_exits_0(base: Path, greedy) -> None:
-    s = Server(base)  # no key: the environment variable is not set either
+def test_sigterm_lets_a_running_stream_finish_and_exits_0(server: Server, greedy) -> None:
+    """The module's server, stopped last (the in-process tests below need none)."""
     got: dict[str, str] = {}
-    t = threading.Thread(target=stream_text, args=(s, PROMPTS[2], 40, got, "text"))  # its key is not checked
+    t = threading.Thread(target=stream_text, args=(server, PROMPTS[2], 40, got, "text"))
     t.start()
-    while not s.health().get("decoding") and t.is_alive():
+    while not server.health().get("decoding") and t.is_alive():
         time.sleep(0.01)
-    assert s.stop() == 0
+    assert server.stop() == 0
     t.join(timeout=60)
     assert got["text"] == greedy(PROMPTS[2], 40)
+    assert "litliger serve: stopped" in server.proc.stderr.read()
 
 
 # --- the batcher, in-process -------------------------------------------------------------------------------------

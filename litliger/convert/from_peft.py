@@ -20,7 +20,6 @@ chosen so that alpha / rank is PEFT's scale (lora_alpha / r, or lora_alpha / sqr
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import TARGETS, LoRAArgs, apply_lora
 from .hf_config import config_to_hf
+from .hf_files import read_json_object
 from .peft_map import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -127,12 +127,7 @@ def convert_from_peft(
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json, checked: a LoRA litliger can hold exactly, else one line naming the setting."""
     path = adapter_dir / ADAPTER_CONFIG
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"invalid JSON ({e}), in {path}; fix or replace the file") from e
-    if not isinstance(settings, dict):
-        raise ValueError(f"not a JSON object, in {path}; fix or replace the file")
+    settings = read_json_object(path)  # the folder was recognised by this file: present
     peft_type = settings.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"peft_type={peft_type!r} is not LoRA, in {path}; litliger imports LoRA adapters only")

@@ -17,6 +17,7 @@ from ..model.config import Config
 from ..model.lora import merge_lora
 from .from_hf import GENERATION_CONFIG, main_dtype, resolve_dtype, written
 from .hf_config import config_to_hf
+from .hf_files import read_json_object
 from .to_peft import convert_to_peft
 from .weight_maps import family_map, listing, model_shapes
 
@@ -73,7 +74,7 @@ def convert_to_hf(
     tensors = state_dict_to_hf(state_dict, config, hf["model_type"], dtype)
     # transformers 5 reads "dtype"; transformers 4 read "torch_dtype"
     hf["dtype"] = hf["torch_dtype"] = main_dtype(tensors)
-    generation = _read_json(checkpoint_dir / GENERATION_CONFIG)
+    generation = read_json_object(checkpoint_dir / GENERATION_CONFIG)
     ids = token_ids(checkpoint_dir, generation)
     hf.update(ids)
     with atomic_dir(out_dir) as tmp:
@@ -161,19 +162,6 @@ def token_ids(checkpoint_dir: Path, generation: dict[str, Any]) -> dict[str, Any
 
 def _pad_token(checkpoint_dir: Path) -> str | None:
     """The pad token named in tokenizer_config.json (a string or an AddedToken dict), if any."""
-    pad = _read_json(checkpoint_dir / "tokenizer_config.json").get("pad_token")
+    pad = read_json_object(checkpoint_dir / "tokenizer_config.json").get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
     return pad if isinstance(pad, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path`` ({} when absent); anything else is a ValueError that names the file."""
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"invalid JSON ({e}), in {path}; fix or replace the file") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"not a JSON object, in {path}; fix or replace the file")
-    return values

@@ -9,6 +9,7 @@ that says how to install it. ``lm_eval --model litliger --model_args checkpoint_
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 try:
@@ -26,7 +27,6 @@ from ..inference.llm import LLM
 from ..inference.loading import Precision
 
 
-@register_model("litliger")
 class LitligerLM(LM):
     """loglikelihood, loglikelihood_rolling and generate_until on a litliger checkpoint folder, through
     :class:`litliger.LLM` (one request at a time: scoring is exact at any batch size; batching is left out for
@@ -62,3 +62,9 @@ class LitligerLM(LM):
                                            stop=until)  # fmt: skip
             answers.append(answer)
         return answers
+
+
+# `lm_eval --model litliger` once this module is imported; imported again (a reload), the name stays with the first
+# import's class (lm_eval refuses a second registration)
+with contextlib.suppress(ValueError):
+    register_model("litliger")(LitligerLM)
