@@ -28,6 +28,7 @@ from .checksums import verify_checksums
 from .io import (
     check_base,
     copy_tokenizer_files,
+    load_state_dict,
     load_tensors,
     parameter_state_dict,
     read_config,
@@ -165,6 +166,32 @@ def load_finetuned(folder: str | Path, device: torch.device | str = "cpu", dtype
     return model
 
 
+def input_folders(checkpoint_dir: str | Path) -> list[Path]:
+    """The folders a command reads for ``checkpoint_dir``: itself and, for a finetune step folder, its base (no
+    output may replace either)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not is_finetune_checkpoint(checkpoint_dir):
+        return [checkpoint_dir]
+    return [checkpoint_dir, Path(read_finetune_meta(checkpoint_dir)["base"]["checkpoint_dir"])]
+
+
+def merged_parameters(step_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A finetune step folder's model (base + trained tensors, verified) with its adapters merged (in fp32,
+    rounded once to the stored dtype), as parameters by the base's names: what ``merge_lora`` saves, and what
+    ``convert_to_hf`` / ``convert_to_gguf`` export."""
+    model = load_finetuned(step_dir)
+    merge_lora(model)
+    return {name: p.detach() for name, p in parameter_state_dict(model).items()}
+
+
+def exported_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """What an export writes (``convert_to_hf``, ``convert_to_gguf``): a complete folder's stored tensors, a
+    finetune step folder's :func:`merged_parameters`."""
+    if is_finetune_checkpoint(checkpoint_dir):
+        return merged_parameters(checkpoint_dir)
+    return load_state_dict(checkpoint_dir)
+
+
 def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """``litliger merge_lora STEP_DIR OUT_DIR``: a finetuning step folder -> a complete checkpoint folder.
 
@@ -179,11 +206,10 @@ def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool =
     from .safety import check_output_dir
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    meta = read_finetune_meta(checkpoint_dir)
-    inputs = [checkpoint_dir, Path(meta["base"]["checkpoint_dir"])]
+    read_finetune_meta(checkpoint_dir)  # a one-line error for a folder that is not a finetune
+    inputs = input_folders(checkpoint_dir)
     check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
-    model = load_finetuned(checkpoint_dir)
-    merge_lora(model)
+    parameters = merged_parameters(checkpoint_dir)
 
     def extra_files(folder: Path) -> None:
         copy_tokenizer_files(checkpoint_dir, folder)
@@ -192,6 +218,6 @@ def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path, overwrite: bool =
         # before checksums.json and the publish, which is where convert_to_hf checks its output folder again
         check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)  # again: it may have changed meanwhile
 
-    save_checkpoint(out_dir, parameter_state_dict(model), model.config, save_tokenizer=extra_files)
+    save_checkpoint(out_dir, parameters, read_config(checkpoint_dir), save_tokenizer=extra_files)
     print(f"merged {checkpoint_dir} into {out_dir}")
     return out_dir

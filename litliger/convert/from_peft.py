@@ -33,8 +33,8 @@ from ..checkpoint.safety import check_output_dir
 from ..model.config import Config
 from ..model.gpt import GPT
 from ..model.lora import TARGETS, LoRAArgs, apply_lora
+from ..util.files import read_json_object
 from .hf_config import config_to_hf
-from .hf_files import read_json_object
 from .peft_map import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -85,16 +85,3 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except RuntimeError:
         # the legacy (pre-zip) torch.save format cannot be memory-mapped: read it whole
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path`` ({} when absent); anything else is a ValueError that names the file."""
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"invalid JSON ({e}), in {path}; fix or replace the file") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"not a JSON object, in {path}; fix or replace the file")
-    return values

@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint.finetuned import is_finetune_checkpoint
-from ..checkpoint.io import atomic_file, parameter_state_dict, read_config, read_finetune_meta
+from ..checkpoint.finetuned import exported_tensors, input_folders
+from ..checkpoint.io import atomic_file, read_config
 from ..checkpoint.layout import CONFIG_FILE
-from ..checkpoint.load import load_model
 from ..checkpoint.safety import check_output_file
 from ..model.config import Config
-from ..model.lora import merge_lora
 from .from_hf import main_dtype
 from .gguf_tokenizer import gguf_vocab
 from .hf_config import config_to_hf
@@ -80,18 +78,13 @@ def convert_to_gguf(
         )
     gguf = _import_gguf()
     checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
-    inputs = [checkpoint_dir]
-    if is_finetune_checkpoint(checkpoint_dir):
-        inputs.append(Path(read_finetune_meta(checkpoint_dir)["base"]["checkpoint_dir"]))
+    inputs = input_folders(checkpoint_dir)
     check_output_file(out_file, inputs=inputs, overwrite=overwrite)
     config = read_config(checkpoint_dir)
     family = gguf_family(config, checkpoint_dir / CONFIG_FILE)
     vocab = gguf_vocab(checkpoint_dir, config.padded_vocab_size)  # refuses a tokenizer before the weights load
 
-    model = load_model(checkpoint_dir)  # the one loader: a complete folder, or a finetune's base + trained tensors
-    merge_lora(model)  # no-op without adapters
-    state = {name: p.detach() for name, p in parameter_state_dict(model).items()}
-    del model
+    state = exported_tensors(checkpoint_dir)  # a finetune step folder merged as merge_lora merges it
     dtype = dtype or _STORED.get(main_dtype(state), "f32")
     hf = state_dict_to_hf(state, config, family)
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[family])

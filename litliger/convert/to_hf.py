@@ -8,16 +8,15 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoint.finetuned import is_finetune_checkpoint, load_finetuned
-from ..checkpoint.io import atomic_dir, copy_tokenizer_files, load_state_dict, read_config, read_finetune_meta
+from ..checkpoint.finetuned import exported_tensors, input_folders
+from ..checkpoint.io import atomic_dir, copy_tokenizer_files, read_config
 from ..checkpoint.safety import check_output_dir
 from ..checkpoint.tensor_files import save_tensors
 from ..data.tokenizer import Tokenizer
 from ..model.config import Config
-from ..model.lora import merge_lora
+from ..util.files import read_json_object
 from .from_hf import GENERATION_CONFIG, main_dtype, resolve_dtype, written
 from .hf_config import config_to_hf
-from .hf_files import read_json_object
 from .to_peft import convert_to_peft
 from .weight_maps import family_map, listing, model_shapes
 
@@ -63,15 +62,11 @@ def convert_to_hf(
         return convert_to_peft(checkpoint_dir, out_dir, dtype, overwrite=overwrite)
     dtype = resolve_dtype(dtype)
     checkpoint_dir = Path(checkpoint_dir)
-    finetuned = is_finetune_checkpoint(checkpoint_dir)
-    inputs = [checkpoint_dir]
-    if finetuned:  # its base is an input too: never replaced by the output
-        inputs.append(Path(read_finetune_meta(checkpoint_dir)["base"]["checkpoint_dir"]))
+    inputs = input_folders(checkpoint_dir)  # a step folder's base too: never replaced by the output
     check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
     config = read_config(checkpoint_dir)
     hf = config_to_hf(config)
-    state_dict = _merged_state_dict(checkpoint_dir) if finetuned else load_state_dict(checkpoint_dir)
-    tensors = state_dict_to_hf(state_dict, config, hf["model_type"], dtype)
+    tensors = state_dict_to_hf(exported_tensors(checkpoint_dir), config, hf["model_type"], dtype)
     # transformers 5 reads "dtype"; transformers 4 read "torch_dtype"
     hf["dtype"] = hf["torch_dtype"] = main_dtype(tensors)
     generation = read_json_object(checkpoint_dir / GENERATION_CONFIG)
@@ -88,14 +83,6 @@ def convert_to_hf(
         check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)  # again: it may have changed meanwhile
     written(tensors, out_dir)
     return Path(out_dir)
-
-
-def _merged_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """A finetune step folder's model (base + trained tensors, verified) with its adapters merged (fp32, rounded
-    once): the parameters of the base's names, in the stored dtype."""
-    model = load_finetuned(step_dir)
-    merge_lora(model)
-    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def state_dict_to_hf(

@@ -27,7 +27,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import SecurityError
 
 from litliger.data.sandbox import BoundedSandbox, TemplateLimitError, render_budget
-from litliger.data.tokenizer import Tokenizer, _read_json, _token_name
+from litliger.data.tokenizer import Tokenizer, _token_name
+from litliger.util.files import read_json_object
 
 ROLES = ("system", "user", "assistant")
 # The special tokens transformers hands a template (its SPECIAL_TOKENS_ATTRIBUTES), read from tokenizer_config.json.
@@ -274,7 +275,7 @@ class ChatTemplate(PromptStyle):
 def load_chat_template(tokenizer_dir: Path) -> ChatTemplate | None:
     """The chat template of a tokenizer folder (`chat_template.jinja` first, as transformers), or None."""
     config_file = tokenizer_dir / "tokenizer_config.json"
-    config = _read_json(config_file)
+    config = read_json_object(config_file)
     jinja_file = tokenizer_dir / "chat_template.jinja"
     if jinja_file.is_file():
         try:

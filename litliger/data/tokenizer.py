@@ -18,6 +18,7 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from litliger.data.cache import bytes_digest, cache_root, json_digest, publish_dir
+from litliger.util.files import read_json_object
 
 EOS_TOKEN = "<|endoftext|>"
 _BYTE_ALPHABET = 256
@@ -72,8 +73,8 @@ class Tokenizer:
                 f"unreadable tokenizer ({str(e).strip() or type(e).__name__}), in {file}; "
                 "replace it with a valid tokenizer.json"
             ) from e
-        config = _read_json(path / "tokenizer_config.json")
-        ids = {**_read_json(path / "config.json"), **_read_json(path / "generation_config.json")}
+        config = read_json_object(path / "tokenizer_config.json")
+        ids = {**read_json_object(path / "config.json"), **read_json_object(path / "generation_config.json")}
 
         def resolve(kind: str) -> int | None:
             name = _token_name(config.get(f"{kind}_token"))
@@ -228,19 +229,6 @@ def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    """The JSON object in `file` ({} when absent); a corrupt file is a ValueError that names it."""
-    if not file.is_file():
-        return {}
-    try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"invalid JSON ({e}), in {file}; fix or replace the file") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"not a JSON object, in {file}; fix or replace the file")
-    return values
 
 
 def decode_utf8(data: bytes) -> str | None:

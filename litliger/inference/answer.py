@@ -21,12 +21,10 @@ class AnswerText:
         self.stop = [s for s in stop or () if s]
         self.shown = TextStream(tokenizer, skip=self.stop_ids)
         self.held = ""
-        self.tokens = 0  # tokens fed, stop ids included
 
     def add(self, token: int) -> tuple[str, bool]:
         """(text to show now, whether the answer is finished). A stop id finishes it; a stop string finishes
         it with the text before it."""
-        self.tokens += 1
         if token in self.stop_ids:
             return self.finish(), True
         self.held += self.shown.add(token)

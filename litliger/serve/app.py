@@ -136,9 +136,9 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
             if bad:
                 raise Refused(f"token id {bad[0]} is not in the vocabulary (0..{tokenizer.vocab_size - 1})", "prompt")
             text = tokenizer.decode(ids)
-        max_new = _room(ids, body.max_tokens, limit, "max_tokens")
+        max_new = _room(ids, body.max_tokens)
         answer = AnswerText(tokenizer, [tokenizer.eos_id], body.stop)
-        run = _Run(batcher, ids, max_new, answer, body, logprobs=body.logprobs)
+        run = _Run("text_completion", ids, max_new, answer, body, logprobs=body.logprobs)
         echo = text if body.echo else ""
         if body.stream:
             return _sse(run.stream(request, lambda p, first: _completion_chunk(run, p, echo if first else "")))
@@ -146,7 +146,7 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
         choice = {"index": 0, "text": echo + "".join(p.text for p in pieces), "finish_reason": pieces[-1].finish_reason}
         infos = [i for p in pieces for i in p.tokens]
         choice["logprobs"] = _completion_logprobs(infos, len(echo)) if body.logprobs is not None else None
-        return {**run.head("text_completion"), "choices": [choice], "usage": run.usage(pieces[-1])}
+        return {**run.head(), "choices": [choice], "usage": run.usage(pieces[-1])}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -155,10 +155,10 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
             ids = llm.chat_ids(body.conversation)
         except ValueError as e:
             raise Refused(str(e), "messages") from None
-        max_new = _room(ids, body.answer_tokens, limit, "max_tokens")
+        max_new = _room(ids, body.answer_tokens)
         answer = AnswerText(tokenizer, stop_ids(tokenizer, llm.style), body.stop)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = _Run(batcher, ids, max_new, answer, body, logprobs=top)
+        run = _Run("chat.completion", ids, max_new, answer, body, logprobs=top)
         if body.stream:
             return _sse(run.stream(request, lambda p, first: _chat_chunk(run, p, first)))
         pieces = await run.collect(request)
@@ -166,9 +166,9 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
         infos = [i for p in pieces for i in p.tokens]
         choice = {"index": 0, "message": message, "finish_reason": pieces[-1].finish_reason}
         choice["logprobs"] = {"content": [_chat_logprob(i) for i in infos]} if body.logprobs else None
-        return {**run.head("chat.completion"), "choices": [choice], "usage": run.usage(pieces[-1])}
+        return {**run.head(), "choices": [choice], "usage": run.usage(pieces[-1])}
 
-    def _room(ids: list[int], requested: int | None, limit: int, param: str) -> int:
+    def _room(ids: list[int], requested: int | None) -> int:
         """New tokens to generate: ``requested``, or what the context leaves; refused when it does not fit."""
         if len(ids) >= limit:
             raise Refused(
@@ -180,19 +180,18 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
         if len(ids) + requested > limit:
             raise Refused(
                 f"this model's context is {limit} tokens; the request needs {len(ids) + requested} ({len(ids)} in "
-                f"the prompt, {requested} for the answer): lower {param} to at most {limit - len(ids)} or shorten "
-                "the prompt", param
+                f"the prompt, {requested} for the answer): lower max_tokens to at most {limit - len(ids)} or shorten "
+                "the prompt", "max_tokens"
             )  # fmt: skip
         return requested
 
     class _Run:
         """One request's job on the batcher, and its pieces read back on this event loop."""
 
-        def __init__(self, batcher: Batcher, ids, max_new, answer, body: Sampling, logprobs) -> None:
-            self.prompt_tokens, self.max_new = len(ids), max_new
+        def __init__(self, kind: str, ids, max_new, answer, body: Sampling, logprobs) -> None:
+            self.kind, self.prompt_tokens = kind, len(ids)  # kind: "text_completion" or "chat.completion"
             self.include_usage = body.include_usage
             self.id, self.created = uuid.uuid4().hex[:24], int(time.time())
-            self.stream_head: dict = {}  # the chunks' id, object, created and model (set by the first chunk)
             self.queue: asyncio.Queue[Piece] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             emit = lambda piece: loop.call_soon_threadsafe(self.queue.put_nowait, piece)
@@ -204,8 +203,11 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
             else:
                 batcher.submit(self.job)
 
-        def head(self, kind: str) -> dict:
-            prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+        def head(self, chunk: bool = False) -> dict:
+            """A response's (or a stream chunk's) id, object, created and model fields."""
+            chat = self.kind == "chat.completion"
+            kind = f"{self.kind}.chunk" if chunk and chat else self.kind
+            prefix = "chatcmpl" if chat else "cmpl"
             return {"id": f"{prefix}-{self.id}", "object": kind, "created": self.created, "model": model_id}
 
         def usage(self, last: Piece) -> dict:
@@ -243,26 +245,24 @@ def create_app(llm, batcher: Batcher, *, model_id: str, api_key: str | None = No
             except RuntimeError as e:
                 yield f"data: {json.dumps(error_body(str(e), kind='server_error'))}\n\n"
             if last is not None and self.include_usage:  # OpenAI's usage chunk: no choices
-                yield f"data: {json.dumps({**self.stream_head, 'choices': [], 'usage': self.usage(last)})}\n\n"
+                yield f"data: {json.dumps({**self.head(chunk=True), 'choices': [], 'usage': self.usage(last)})}\n\n"
             yield "data: [DONE]\n\n"
 
     def _completion_chunk(run: _Run, piece: Piece, echo: str) -> list[dict]:
-        run.stream_head = run.head("text_completion")
         choice = {"index": 0, "text": echo + piece.text, "finish_reason": piece.finish_reason}
         choice["logprobs"] = _completion_logprobs(piece.tokens, 0) if run.job.logprobs is not None else None
-        return [{**run.stream_head, "choices": [choice]}]
+        return [{**run.head(chunk=True), "choices": [choice]}]
 
     def _chat_chunk(run: _Run, piece: Piece, first: bool) -> list[dict]:
-        run.stream_head = run.head("chat.completion.chunk")
-        chunks = []
+        head, chunks = run.head(chunk=True), []
         if first:
             delta = {"role": "assistant", "content": ""}
-            chunks.append({**run.stream_head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            chunks.append({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
         choice = {"index": 0, "delta": {"content": piece.text} if piece.text else {}}
         choice["finish_reason"] = piece.finish_reason
         if run.job.logprobs is not None:
             choice["logprobs"] = {"content": [_chat_logprob(i) for i in piece.tokens]}
-        chunks.append({**run.stream_head, "choices": [choice]})
+        chunks.append({**head, "choices": [choice]})
         return chunks
 
     return app

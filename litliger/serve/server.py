@@ -110,7 +110,6 @@ def _bind(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}), in --host/--port; choose another port "
                       "(0: any free one) or a host of this machine") from None  # fmt: skip
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 

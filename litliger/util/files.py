@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:
@@ -49,3 +51,16 @@ def check_out_file(path: Path, advice: str) -> None:
         raise ValueError(f"the folder {parent} is not writable, in --out_file {path}; give a path you may write to")
     if path.exists() and not path.is_file():
         raise ValueError(f"{path} is not a regular file, in --out_file; {advice}")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} when absent); a corrupt file is a ValueError that names it."""
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"invalid JSON ({e}), in {path}; fix or replace the file") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"not a JSON object, in {path}; fix or replace the file")
+    return values
