@@ -297,3 +297,12 @@ def test_joining_a_running_batch_shifts_it_and_changes_no_row(base: Path, greedy
         assert batcher.largest_batch > 1 and not batcher.rows and batcher.model.kv_cache_length is None
     finally:
         batcher.close()
+
+
+def test_without_the_serve_extra_the_error_says_how_to_install(base: Path, monkeypatch) -> None:
+    from litliger.serve.server import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(ValueError, match=r'^litliger serve needs uvicorn \(fastapi and uvicorn\), in the installation; '
+                       r'pip install "litliger\[serve\]"$'):  # fmt: skip
+        main(base, port=0, device="cpu")

@@ -17,6 +17,10 @@ BODY_BYTES_PER_SLOT = 64  # a cache slot's worth of request body, escapes and ch
 SHUTDOWN_GRACE_S = 10  # in-flight requests get this long to finish after Ctrl-C / SIGTERM, then are cancelled
 
 
+class MissingServeExtra(ValueError):
+    """fastapi or uvicorn is not installed: a one-line user error (cli.py), not a traceback."""
+
+
 def main(
     checkpoint_dir: Path,
     host: str = "127.0.0.1",
@@ -68,7 +72,9 @@ def main(
 
         from .app import create_app
     except ImportError as e:
-        raise ImportError(f'litliger serve needs {e.name}: pip install "litliger[serve]"') from None
+        raise MissingServeExtra(
+            f'litliger serve needs {e.name} (fastapi and uvicorn), in the installation; pip install "litliger[serve]"'
+        ) from None
     from ..inference.llm import LLM
     from .batcher import Batcher
 
